@@ -1,0 +1,246 @@
+"""One analysis of a model's graph: which pointwise convolutions are eligible and what replaces them.
+
+The plan, the rewrite, the weight transfer and the report all read the `Analysis` made here; none
+of them re-derives which layers are coupled (the idea of Torch-Pruning's dependency graph).
+The rules are the paper's section 3, as stated in METHOD.md.
+"""
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import keras
+
+from keffconvert.errors import UnsupportedModelError
+from keffconvert.graph import Graph, functional_view, is_graph_model
+from keffconvert.macs import layer_macs, model_macs
+from keffconvert.plan import LayerPlan, Plan
+
+ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
+
+
+def choose_groups(in_channels, filters, channels_per_group):
+    """The largest common divisor of C and F that is <= C // cpg (rule 1); <= 1 means no change."""
+    limit = in_channels // channels_per_group
+    for g in range(min(limit, in_channels, filters), 1, -1):
+        if in_channels % g == 0 and filters % g == 0:
+            return g
+    return 1
+
+
+@dataclass
+class Chain:
+    """A pointwise conv M with the BatchNormalization B and activation A that only it feeds."""
+
+    conv: keras.layers.Conv2D
+    bn: keras.layers.BatchNormalization | None
+    act: keras.layers.Layer | None
+    entry: LayerPlan
+
+    @property
+    def layers(self):
+        return [layer for layer in (self.conv, self.bn, self.act) if layer is not None]
+
+
+@dataclass
+class Analysis:
+    """The plan plus, for each converted conv, its chain; keyed by layer identity."""
+
+    plan: Plan
+    chains: dict = field(default_factory=dict)  # id(conv) -> Chain (converted ones only)
+    absorbed: set = field(default_factory=set)  # id(bn or act) folded into a converted chain
+
+    def chain_of(self, layer):
+        return self.chains.get(id(layer))
+
+    def is_absorbed(self, layer):
+        return id(layer) in self.absorbed
+
+    def converts_directly(self, model):
+        """Whether `model` itself (not only a model nested in it) holds a converted conv."""
+        return any(id(layer) in self.chains for layer in model.layers)
+
+
+def analyze(model, channels_per_group=16, include=None, exclude=None):
+    """Walk `model` (nested models included) and decide, for every Conv2D, what happens to it."""
+    if channels_per_group < 1:
+        raise ValueError(f"channels_per_group must be >= 1. Received: channels_per_group={channels_per_group}")
+    if not is_graph_model(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a subclassed model: it has no layer graph to rewrite; "
+            "rebuild it as a Functional or Sequential model"
+        )
+    analysis = Analysis(plan=Plan(model_name=model.name, channels_per_group=channels_per_group,
+                                  input_shape=_input_shape(model)))
+    walker = _Walker(analysis, channels_per_group, include or [], exclude or [])
+    walker.walk(model, prefix="")
+    plan = analysis.plan
+    plan.trainable_params_before = _count(model.trainable_weights)
+    plan.total_params_before = _count(model.weights)
+    plan.trainable_params_after = plan.trainable_params_before + sum(
+        e.trainable_after - e.trainable_before for e in plan.layers if e.converted)
+    plan.total_params_after = plan.total_params_before + sum(
+        e.total_after - e.total_before for e in plan.layers if e.converted)
+    plan.macs_before = model_macs(model)
+    if plan.macs_before is not None:
+        plan.macs_after = plan.macs_before + sum(e.macs_after - e.macs_before for e in plan.layers if e.converted)
+    return analysis
+
+
+class _Walker:
+    def __init__(self, analysis, cpg, include, exclude):
+        self.analysis = analysis
+        self.cpg = cpg
+        self.include = include
+        self.exclude = exclude
+
+    def walk(self, model, prefix):
+        graph = Graph(functional_view(model))
+        for node in graph.nodes:
+            layer = node.operation
+            if is_graph_model(layer):
+                self.walk(layer, prefix=f"{prefix}{layer.name}/")
+                continue
+            if getattr(layer, "data_format", None) == "channels_first":
+                raise UnsupportedModelError(
+                    f"layer {prefix}{layer.name} uses data_format='channels_first'; "
+                    "keffconvert rewrites channels_last models only"
+                )
+            if isinstance(layer, keras.layers.Conv2D) and not _is_depthwise(layer):
+                self._plan_conv(graph, node, layer, prefix)
+
+    def _plan_conv(self, graph, node, conv, prefix):
+        name = f"{prefix}{conv.name}"
+        c_in, filters = node.input_tensors[0].shape[-1], conv.filters
+        entry = LayerPlan(name=name, in_channels=c_in, filters=filters)
+        _fill_unchanged(entry, conv, node)
+        self.analysis.plan.layers.append(entry)
+        reason = self._ineligible(graph, conv, name, c_in)
+        if reason:
+            entry.reason = reason
+            return
+        groups = choose_groups(c_in, filters, self.cpg)
+        entry.groups = groups
+        if groups <= 1:
+            entry.reason = f"no common divisor of C={c_in} and F={filters} in 2..C//cpg={c_in // self.cpg}"
+            return
+        bn, act = _follow_chain(graph, node, conv)
+        chain = Chain(conv, bn, act, entry)
+        _fill_entry(entry, chain, node.outputs[0].shape, groups)
+        self.analysis.chains[id(conv)] = chain
+        self.analysis.absorbed.update(id(layer) for layer in (bn, act) if layer is not None)
+
+    def _ineligible(self, graph, conv, name, c_in):
+        if self.include and not _matches(conv.name, name, self.include):
+            return "not matched by --include"
+        for pattern in self.exclude:
+            if _matches(conv.name, name, [pattern]):
+                return f"excluded by pattern {pattern!r}"
+        if tuple(conv.kernel_size) != (1, 1):
+            return f"kernel {conv.kernel_size[0]}x{conv.kernel_size[1]} is not 1x1"
+        if tuple(conv.strides) != (1, 1):
+            return f"strides {tuple(conv.strides)} are not 1"
+        if tuple(conv.dilation_rate) != (1, 1):
+            return f"dilation {tuple(conv.dilation_rate)} is not 1"
+        if conv.groups != 1:
+            return f"already grouped (groups={conv.groups})"
+        if graph.call_count(conv) != 1:
+            return f"shared layer, called {graph.call_count(conv)} times"
+        if c_in is None:
+            return "input channels unknown"
+        return ""
+
+
+def _follow_chain(graph, node, conv):
+    """Extend M to M->B->A while each output feeds exactly the next layer of the chain."""
+    if conv.activation is not keras.activations.linear:
+        return None, None
+    bn_node = graph.sole_consumer(node)
+    if bn_node is None or not isinstance(bn_node.operation, keras.layers.BatchNormalization) \
+            or bn_node.operation.axis not in (-1, 3) or graph.call_count(bn_node.operation) != 1:
+        return None, None
+    act_node = graph.sole_consumer(bn_node)
+    if act_node is None or not isinstance(act_node.operation, ACTIVATION_LAYERS) \
+            or graph.call_count(act_node.operation) != 1:
+        return bn_node.operation, None
+    return bn_node.operation, act_node.operation
+
+
+def _fill_unchanged(entry, conv, node):
+    """A skipped conv keeps its parameters and MACs; a converted one overwrites these."""
+    params = sum(_count([w]) for w in conv.weights)
+    entry.total_before = entry.total_after = params
+    entry.trainable_before = entry.trainable_after = params if conv.trainable else 0
+    entry.macs_before = entry.macs_after = layer_macs(conv, node.input_tensors[0].shape, node.outputs[0].shape)
+
+
+def _fill_entry(entry, chain, out_shape, groups):
+    conv, bn = chain.conv, chain.bn
+    c_in, filters = entry.in_channels, entry.filters
+    step = filters // groups
+    entry.converted = True
+    entry.interleave_step = step if step > 1 else None
+    entry.second_conv = c_in >= filters
+    entry.batch_norm = bn.name if bn is not None else None
+    entry.activation = _activation_name(chain)
+    bias = filters if conv.use_bias else 0
+    bn_trainable = (int(bn.scale) + int(bn.center)) * filters if bn is not None else 0
+    bn_frozen = 2 * filters if bn is not None else 0
+    train = conv.trainable
+    entry.trainable_before = (c_in * filters + bias if train else 0) + (bn_trainable if bn is not None and bn.trainable else 0)
+    entry.total_before = c_in * filters + bias + bn_trainable + bn_frozen
+    new_bn = 2 * filters if bn is not None else 0  # B' always has center and scale
+    k = c_in * filters // groups + bias
+    l_conv = filters * filters // groups + bias if entry.second_conv else 0
+    branches = 2 if entry.second_conv else 1
+    entry.trainable_after = (k + l_conv + new_bn * branches) if train else 0
+    entry.total_after = k + l_conv + (new_bn + bn_frozen) * branches
+    spatial = _spatial(out_shape)
+    if spatial is not None:
+        entry.macs_before = spatial * c_in * filters
+        entry.macs_after = spatial * (c_in * filters // groups + (filters * filters // groups if entry.second_conv else 0))
+
+
+def _activation_name(chain):
+    if chain.act is not None:
+        act = chain.act
+        if isinstance(act, keras.layers.Activation):
+            return keras.activations.serialize(act.activation) if not isinstance(act.activation, str) else act.activation
+        return type(act).__name__
+    if chain.conv.activation is not keras.activations.linear:
+        return keras.activations.serialize(chain.conv.activation)
+    return None
+
+
+def _spatial(shape):
+    dims = shape[1:-1]
+    if any(d is None for d in dims):
+        return None
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _matches(short_name, path, patterns):
+    return any(fnmatch.fnmatchcase(short_name, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _is_depthwise(layer):
+    return isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D))
+
+
+def _input_shape(model):
+    try:
+        return list(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def _count(weights):
+    total = 0
+    for w in weights:
+        n = 1
+        for d in w.shape:
+            n *= d
+        total += n
+    return total

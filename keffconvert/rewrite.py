@@ -1,0 +1,113 @@
+"""Rebuild a model with every planned chain M[->B][->A] swapped for the kEffNet sub-architecture.
+
+The walk is Keras' own `keras.models.clone_model`: `clone_function` clones each layer (and
+recurses into nested models), `call_function` replaces a chain's conv by the sub-architecture and
+lets the chain's BN and activation pass their input through. Only what the `Analysis` decided is
+changed; every other layer is cloned from its config under its own name.
+"""
+
+import keras
+
+from keffconvert.graph import functional_view
+from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
+
+
+class Rewriter:
+    """Holds the clone -> original mapping so weights can be copied once the model is built."""
+
+    def __init__(self, analysis):
+        self.analysis = analysis
+        self.originals = {}  # id(clone) -> original layer
+        self.cloned = []  # (clone, original) for layers kept as they were
+        self.replacements = []  # (Chain, Replacement)
+
+    def rewrite(self, model):
+        if isinstance(model, keras.Sequential) and self.analysis.converts_directly(model):
+            # The replacement branches and sums, which a Sequential cannot hold: go Functional.
+            view = functional_view(model)
+            model = keras.Model(view.inputs, view.outputs, name=model.name)
+        call_function = None if isinstance(model, keras.Sequential) else self._call
+        return keras.models.clone_model(model, clone_function=self._clone, call_function=call_function)
+
+    def _clone(self, layer):
+        if isinstance(layer, keras.Model):
+            return self.rewrite(layer)
+        clone = layer.__class__.from_config(layer.get_config())
+        self.originals[id(clone)] = layer
+        if self.analysis.chain_of(layer) is None and not self.analysis.is_absorbed(layer):
+            self.cloned.append((clone, layer))
+        return clone
+
+    def _call(self, layer, *args, **kwargs):
+        original = self.originals.get(id(layer))
+        chain = self.analysis.chain_of(original) if original is not None else None
+        if chain is not None:
+            replacement = Replacement(chain)
+            self.replacements.append((chain, replacement))
+            return replacement(args[0])
+        if original is not None and self.analysis.is_absorbed(original):
+            return args[0]
+        return layer(*args, **kwargs)
+
+
+class Replacement:
+    """The layers that stand in for one chain: K, B', A, interleave, then L, B'', A and the sum."""
+
+    def __init__(self, chain):
+        conv, bn, act, entry = chain.conv, chain.bn, chain.act, chain.entry
+        self.k = self._grouped(conv, entry, f"{conv.name}_k")
+        self.k_bn = _batch_norm(bn, bn.name) if bn is not None else None
+        self.k_act = _activation(act, act.name) if act is not None else None
+        self.interleave = InterleaveChannels(entry.interleave_step, name=f"{conv.name}_interleave") \
+            if entry.interleave_step else None
+        self.l = self.l_bn = self.l_act = self.add = None
+        if entry.second_conv:
+            self.l = self._grouped(conv, entry, f"{conv.name}_l")
+            self.l_bn = _batch_norm(bn, f"{bn.name}_l") if bn is not None else None
+            self.l_act = _activation(act, f"{act.name}_l") if act is not None else None
+            self.add = keras.layers.Add(name=f"{conv.name}_sum")
+
+    @staticmethod
+    def _grouped(conv, entry, name):
+        config = conv.get_config()
+        return GroupedPointwiseConv2D(
+            filters=entry.filters,
+            groups=entry.groups,
+            use_bias=conv.use_bias,
+            activation=config["activation"],
+            kernel_initializer=config["kernel_initializer"],
+            bias_initializer=config["bias_initializer"],
+            kernel_regularizer=config["kernel_regularizer"],
+            bias_regularizer=config["bias_regularizer"],
+            trainable=conv.trainable,
+            dtype=config.get("dtype"),
+            name=name,
+        )
+
+    def __call__(self, x):
+        k_out = _apply([self.k, self.k_bn, self.k_act], x)
+        mixed = self.interleave(k_out) if self.interleave is not None else k_out
+        if self.l is None:
+            return mixed
+        l_out = _apply([self.l, self.l_bn, self.l_act], mixed)
+        return self.add([l_out, k_out])
+
+
+def _apply(layers, x):
+    for layer in layers:
+        if layer is not None:
+            x = layer(x)
+    return x
+
+
+def _batch_norm(bn, name):
+    """B' keeps B's settings but always has a scale and a centre (rule 2)."""
+    config = bn.get_config()
+    config.update(name=name, center=True, scale=True)
+    return keras.layers.BatchNormalization.from_config(config)
+
+
+def _activation(act, name):
+    config = act.get_config()
+    config["name"] = name
+    return act.__class__.from_config(config)
