@@ -21,3 +21,25 @@ def agreement(original, converted, x, batch_size=32):
     if ref_flat.shape[1] > 1:
         result["top1_agreement"] = float(np.mean(ref_flat.argmax(1) == new_flat.argmax(1)))
     return result
+
+
+def probe_images(source, model, limit=256):
+    """Images to compare on: an .npz's `x` (or `x_test`), or 'digits' resized to the model input."""
+    from keffconvert.errors import DataError
+
+    shape = tuple(model.inputs[0].shape[1:])
+    if source == "digits":
+        from keffconvert.digits import digits_images
+
+        if None in shape or len(shape) != 3:
+            raise DataError(f"'digits' needs a fixed image input size; the model takes {shape}")
+        return digits_images(shape[0], shape[1], channels=shape[2], limit=limit)
+    try:
+        with np.load(source) as data:
+            key = "x" if "x" in data else "x_test"
+            x = data[key][:limit].astype("float32")
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"cannot read images from {source}: {error}") from error
+    if tuple(x.shape[1:]) != shape and None not in shape:
+        raise DataError(f"{source} holds images of shape {x.shape[1:]}, the model takes {shape}")
+    return x

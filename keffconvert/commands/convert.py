@@ -1,0 +1,64 @@
+"""`keffconvert MODEL`: print the plan, write the converted model and optionally a JSON report."""
+
+from pathlib import Path
+
+import click
+
+from keffconvert.outputs import check_writable, save_model, write_json
+
+
+def default_output(source):
+    """`dir/model.h5` -> `dir/model_keff.keras`; a built-in name -> `./name_keff.keras`."""
+    path = Path(source)
+    if path.suffix:
+        return path.with_name(f"{path.stem}_keff.keras")
+    return Path(f"{source.replace('/', '_')}_keff.keras")
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option("-c", "--channels-per-group", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Channels per group (the paper's cpg); larger keeps more parameters.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the converted model (.keras or .h5). Default: MODEL_keff.keras beside MODEL.")
+@click.option("--dry-run", is_flag=True, help="Print the plan only; write no model.")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Convert only convs whose name matches (glob; repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave convs whose name matches alone, e.g. '*se_*' (repeatable).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the plan as JSON here.")
+@click.option("--fidelity-data", default=None, metavar="DATA",
+              help="Measure agreement with the original before training on DATA: an .npz with x (or x_test), or 'digits'.")
+@click.option("--no-weights", is_flag=True, help="Do not transfer the original's weights (fresh initialisation).")
+@click.option("--classes", type=click.IntRange(min=1), default=None, help="Classes, for a built-in model name.")
+@click.option("--input-size", type=click.IntRange(min=8), default=None, help="Square input side, for a built-in model name.")
+@click.option("--unsafe", is_flag=True, help="Allow Lambda layers (runs code stored in the file: only for files you trust).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--quiet", "-q", is_flag=True, help="Print the totals only, not the per-layer table.")
+def convert_command(model, channels_per_group, output, dry_run, include, exclude, report_path, fidelity_data,
+                    no_weights, classes, input_size, unsafe, force, quiet):
+    """Convert MODEL's eligible 1x1 convolutions to the kEffNet sub-architecture."""
+    from keffconvert.convert import convert
+    from keffconvert.display import print_plan
+    from keffconvert.loading import load_model
+
+    output = Path(output) if output else default_output(model)
+    if not dry_run:
+        check_writable(output, force)  # fail before the slow part
+    if report_path:
+        check_writable(report_path, force)
+    source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
+    new_model, plan = convert(source, channels_per_group, include=list(include), exclude=list(exclude),
+                              dry_run=dry_run, transfer_weights=not no_weights)
+    if new_model is not None and fidelity_data:
+        from keffconvert.fidelity import agreement, probe_images
+
+        plan.fidelity = agreement(source, new_model, probe_images(fidelity_data, source))
+    print_plan(plan, skipped=not quiet)
+    wrote = None
+    if not plan.converted:
+        click.echo("nothing to convert: no Conv2D is an eligible 1x1 convolution; no model written")
+    elif not dry_run:
+        wrote = save_model(new_model, output, force)
+        click.echo(f"wrote {wrote}")
+    if report_path:
+        data = {"source": model, "output": str(wrote) if wrote else None, "plan": plan.to_dict()}
+        click.echo(f"wrote {write_json(report_path, data, force)}")

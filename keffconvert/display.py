@@ -1,0 +1,65 @@
+"""Human-readable views of a plan: a rich table for the terminal, Markdown for reports."""
+
+from rich.console import Console
+from rich.table import Table
+
+PLAN_COLUMNS = ["layer", "C", "F", "groups", "interleave", "L", "params before", "params after", "note"]
+
+
+def plan_rows(plan, skipped=True):
+    """One row of strings per Conv2D of the plan (converted first if `skipped` is False)."""
+    rows = []
+    for e in plan.layers:
+        if not e.converted and not skipped:
+            continue
+        rows.append([
+            e.name, str(e.in_channels), str(e.filters),
+            str(e.groups) if e.converted else "-",
+            str(e.interleave_step) if e.interleave_step else "-",
+            "yes" if e.second_conv else "-",
+            f"{e.trainable_before:,}", f"{e.trainable_after:,}",
+            "converted" if e.converted else e.reason,
+        ])
+    return rows
+
+
+def totals_lines(plan):
+    lines = [
+        f"converted {len(plan.converted)} of {len(plan.layers)} Conv2D layers "
+        f"(channels per group: {plan.channels_per_group})",
+        f"trainable parameters: {plan.trainable_params_before:,} -> {plan.trainable_params_after:,} "
+        f"({-plan.reduction_pct:+.2f}%)",
+        f"all parameters:       {plan.total_params_before:,} -> {plan.total_params_after:,}",
+    ]
+    if plan.macs_before is not None:
+        lines.append(f"multiply-accumulates: {plan.macs_before:,} -> {plan.macs_after:,} "
+                     f"({-plan.macs_reduction_pct:+.2f}%) per image at input {plan.input_shape}")
+    else:
+        lines.append("multiply-accumulates: unknown (the model's input size is not fixed)")
+    if plan.fidelity:
+        f = plan.fidelity
+        agree = f.get("top1_agreement")
+        lines.append(f"before training, on {f['samples']} images: "
+                     + (f"top-1 agreement with the original {100 * agree:.1f}%, " if agree is not None else "")
+                     + f"output correlation {f['correlation']:.3f}")
+    return lines
+
+
+def print_plan(plan, console=None, skipped=True):
+    console = console or Console()
+    table = Table(title=f"kEffNet plan for {plan.model_name}", show_lines=False)
+    for column in PLAN_COLUMNS:
+        table.add_column(column, justify="right" if column in ("C", "F", "groups", "interleave",
+                                                                 "params before", "params after") else "left")
+    for row in plan_rows(plan, skipped):
+        table.add_row(*row)
+    console.print(table)
+    for line in totals_lines(plan):
+        console.print(line, highlight=False)
+
+
+def plan_markdown(plan, skipped=True):
+    """The per-layer table as GitHub Markdown."""
+    lines = ["| " + " | ".join(PLAN_COLUMNS) + " |", "|" + "---|" * len(PLAN_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in plan_rows(plan, skipped)]
+    return "\n".join(lines)
