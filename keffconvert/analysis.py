@@ -181,6 +181,7 @@ def _fill_entry(entry, chain, out_shape, groups):
     entry.interleave_step = step if step > 1 else None
     entry.second_conv = c_in >= filters
     entry.batch_norm = bn.name if bn is not None else None
+    entry.activation_layer = chain.act.name if chain.act is not None else None
     entry.activation = _activation_name(chain)
     bias = filters if conv.use_bias else 0
     bn_trainable = (int(bn.scale) + int(bn.center)) * filters if bn is not None else 0

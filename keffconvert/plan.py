@@ -20,6 +20,7 @@ class LayerPlan:
     interleave_step: int | None = None
     second_conv: bool = False
     batch_norm: str | None = None
+    activation_layer: str | None = None
     activation: str | None = None
     trainable_before: int = 0
     trainable_after: int = 0

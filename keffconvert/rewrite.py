@@ -26,8 +26,10 @@ class Rewriter:
             # The replacement branches and sums, which a Sequential cannot hold: go Functional.
             view = functional_view(model)
             model = keras.Model(view.inputs, view.outputs, name=model.name)
-        call_function = None if isinstance(model, keras.Sequential) else self._call
-        return keras.models.clone_model(model, clone_function=self._clone, call_function=call_function)
+        if isinstance(model, keras.Sequential):
+            return keras.models.clone_model(model, clone_function=self._clone)
+        return keras.models.clone_model(model, input_tensors=_named_inputs(model), clone_function=self._clone,
+                                        call_function=self._call)
 
     def _clone(self, layer):
         if isinstance(layer, keras.Model):
@@ -91,6 +93,14 @@ class Replacement:
             return mixed
         l_out = _apply([self.l, self.l_bn, self.l_act], mixed)
         return self.add([l_out, k_out])
+
+
+def _named_inputs(model):
+    """New inputs under the original input layers' names (clone_model would name them anew)."""
+    def new_input(tensor):
+        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history[0].name)
+
+    return keras.tree.map_structure(new_input, model.input)
 
 
 def _apply(layers, x):

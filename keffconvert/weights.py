@@ -2,8 +2,10 @@
 
 Untouched layers get their own weights back. In each replacement, K takes the block-diagonal
 slices of M's kernel with M's bias and B's statistics, so the K path computes exactly M's
-within-group connections; L starts silent (zero kernel, its BN or bias at the point where the
-activation is closest to zero), so the replacement's output is K's and training grows L from there.
+within-group connections. Where the replacement's output is the interleaved K (an expansion,
+C < F), K's filters are taken in the order that the interleave puts back into M's channel order,
+so downstream layers see M's channels where they expect them. L starts quiet (zero kernel, its BN or bias at the point where the
+activation is closest to zero while it still passes gradient), so the replacement's output is K's and training grows L from there.
 The cross-group connections M had are what no grouped structure can hold; their share is what
 `fidelity` measures.
 """
@@ -20,11 +22,24 @@ def block_diagonal(kernel, groups):
     return blocks.transpose(1, 0, 2).reshape(1, 1, cg, filters)
 
 
-def quiet_point(activation):
-    """The pre-activation value in [-10, 0] whose activation is closest to 0 (0 for relu, swish...)."""
-    candidates = np.array([0.0, -1.0, -2.0, -4.0, -6.0, -8.0, -10.0], dtype="float32")
-    values = np.abs(ops.convert_to_numpy(activation(ops.convert_to_tensor(candidates))))
-    return float(candidates[int(np.argmin(values))])
+def quiet_point(activation, min_slope=0.01):
+    """A pre-activation value where the activation is near 0 yet still passes gradient.
+
+    L starts at this point so that its branch adds (almost) nothing at first but learns: at
+    exactly 0 a relu has slope 0 and L would never leave it, so relu gets 1e-3 instead.
+    """
+    candidates = np.array([0.0, 1e-3, -1.0, -2.0, -4.0, -6.0, -8.0, -10.0], dtype="float32")
+    h = np.float32(1e-4)
+
+    def act(z):
+        return ops.convert_to_numpy(activation(ops.convert_to_tensor(z))).astype("float64")
+
+    values = act(candidates)
+    slopes = np.minimum((act(candidates + h) - values) / h, (values - act(candidates - h)) / h)
+    usable = np.where(slopes >= min_slope)[0]
+    if usable.size == 0:
+        return 0.0
+    return float(candidates[usable[np.argmin(np.abs(values[usable]))]])
 
 
 def copy_kept(pairs):
@@ -34,15 +49,30 @@ def copy_kept(pairs):
             clone.set_weights(original.get_weights())
 
 
+def output_order(entry):
+    """Which of M's output channels each of K's filters takes.
+
+    When the interleave is the replacement's output, K's filter q (group q // step, position
+    q % step) lands at channel (q % step) * g + q // step, so it must compute M's channel there.
+    """
+    filters, groups = entry.filters, entry.groups
+    q = np.arange(filters)
+    if entry.second_conv or not entry.interleave_step:
+        return q
+    step = entry.interleave_step
+    return (q % step) * groups + q // step
+
+
 def transfer_chain(chain, replacement):
-    """K <- block-diagonal M (+ bias, + B); L <- silent."""
+    """K <- block-diagonal M (+ bias, + B), in output order; L <- quiet."""
     conv, bn = chain.conv, chain.bn
     groups = chain.entry.groups
-    m_weights = conv.get_weights()
+    order = output_order(chain.entry)
+    m_weights = [w[..., order] for w in conv.get_weights()]
     k_weights = [block_diagonal(m_weights[0], groups)] + m_weights[1:]
     replacement.k.set_weights(k_weights)
     if bn is not None:
-        replacement.k_bn.set_weights(_full_bn_weights(bn))
+        replacement.k_bn.set_weights([w[order] for w in _full_bn_weights(bn)])
     if replacement.l is None:
         return
     activation = replacement.l_act if replacement.l_act is not None else conv.activation
