@@ -1,8 +1,8 @@
 """keffconvert: turn a Keras CNN's pointwise convolutions into kEffNet grouped convolutions."""
 
-import os
+from keffconvert._quiet import start_backend
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+start_backend()
 
 from keffconvert.convert import convert  # noqa: E402
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels  # noqa: E402

@@ -121,7 +121,9 @@ class _Walker:
         groups = choose_groups(c_in, filters, self.cpg)
         entry.groups = groups
         if groups <= 1:
-            entry.reason = f"no common divisor of C={c_in} and F={filters} in 2..C//cpg={c_in // self.cpg}"
+            limit = c_in // self.cpg
+            entry.reason = (f"C={c_in} < 2*cpg: too few channels to group" if limit < 2 else
+                            f"no common divisor of C={c_in} and F={filters} in 2..{limit}")
             return
         bn, act = _follow_chain(graph, node, conv)
         chain = Chain(conv, bn, act, entry)

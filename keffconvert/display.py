@@ -45,12 +45,19 @@ def totals_lines(plan):
     return lines
 
 
+def make_console():
+    """A terminal console; piped output is not cut to 80 columns, so layer names stay whole."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def print_plan(plan, console=None, skipped=True):
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=f"kEffNet plan for {plan.model_name}", show_lines=False)
     for column in PLAN_COLUMNS:
-        table.add_column(column, justify="right" if column in ("C", "F", "groups", "interleave",
-                                                                 "params before", "params after") else "left")
+        numeric = column in ("C", "F", "groups", "interleave", "params before", "params after")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in plan_rows(plan, skipped):
         table.add_row(*row)
     console.print(table)

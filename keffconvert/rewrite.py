@@ -34,7 +34,7 @@ class Rewriter:
     def _clone(self, layer):
         if isinstance(layer, keras.Model):
             return self.rewrite(layer)
-        clone = layer.__class__.from_config(layer.get_config())
+        clone = _clone_layer(layer)
         self.originals[id(clone)] = layer
         if self.analysis.chain_of(layer) is None and not self.analysis.is_absorbed(layer):
             self.cloned.append((clone, layer))
@@ -93,6 +93,17 @@ class Replacement:
             return mixed
         l_out = _apply([self.l, self.l_bn, self.l_act], mixed)
         return self.add([l_out, k_out])
+
+
+def _clone_layer(layer):
+    """A new layer from `layer`'s config. A Lambda's code is already in memory (the user loaded
+    the model, with --unsafe where it came from a file), so cloning it needs no safe mode."""
+    if isinstance(layer, keras.layers.Lambda):
+        from keras.src.saving.serialization_lib import SafeModeScope
+
+        with SafeModeScope(False):
+            return layer.__class__.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
 
 
 def _named_inputs(model):

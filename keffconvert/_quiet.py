@@ -1,0 +1,38 @@
+"""Start the Keras backend without TensorFlow's start-up chatter on stderr.
+
+TensorFlow 2.21 prints oneDNN and CUDA-probe INFO lines from C++ (absl) at import and first
+device query, and no environment variable silences them any more. With TF_CPP_MIN_LOG_LEVEL >= 2
+(keffconvert's default) they are dropped by pointing fd 2 at /dev/null for those two steps only;
+Python exceptions are unaffected. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+"""
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def start_backend():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "keras" in sys.modules or int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0) < 2:
+        return
+    with _stderr_to_devnull():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
