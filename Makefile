@@ -16,7 +16,7 @@ install: $(BIN)/keffconvert
 
 # Convert EfficientNet-B0, train it and its kEffNet on scikit-learn's digits (CPU), write the report.
 main: install
-	$(BIN)/keffconvert train efficientnetb0 --data digits --image-size 32 --with-original --out runs/main
+	$(BIN)/keffconvert train efficientnetb0 --data digits --image-size 32 --epochs 30 --with-original --out runs/main
 
 test: install
 	$(BIN)/python -m pytest -q
