@@ -11,8 +11,16 @@ import os
 import sys
 
 
+def tf_logs_wanted():
+    return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") or 0) < 2
+
+
 @contextlib.contextmanager
-def _stderr_to_devnull():
+def quiet_stderr():
+    """Point fd 2 at /dev/null for the block, unless TF_CPP_MIN_LOG_LEVEL < 2 asks for the logs."""
+    if tf_logs_wanted():
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -27,9 +35,9 @@ def _stderr_to_devnull():
 
 def start_backend():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "keras" in sys.modules or int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0) < 2:
+    if "keras" in sys.modules:
         return
-    with _stderr_to_devnull():
+    with quiet_stderr():
         import keras
 
         if keras.backend.backend() == "tensorflow":

@@ -53,6 +53,7 @@ def cli():
     keffconvert train ...            retrain or fine-tune, then report accuracy
     keffconvert report REPORT.json   rebuild report.md and plots
     keffconvert check MODEL ...      fail when a model is over its parameter budget
+    keffconvert export MODEL ...     fold for inference; write tflite, saved_model or keras
     """
 
 
