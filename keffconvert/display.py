@@ -41,7 +41,8 @@ def totals_lines(plan):
         agree = f.get("top1_agreement")
         lines.append(f"before training, on {f['samples']} images: "
                      + (f"top-1 agreement with the original {100 * agree:.1f}%, " if agree is not None else "")
-                     + f"output correlation {f['correlation']:.3f}")
+                     + ("output correlation " + (f"{f['correlation']:.3f}" if f.get("correlation") is not None
+                                                 else "undefined (constant outputs)")))
     return lines
 
 

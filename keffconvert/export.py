@@ -46,6 +46,7 @@ import keras
 import numpy as np
 
 from keffconvert.graph import Graph, functional_view, is_graph_model
+from keffconvert.rewrite import clone_layer, named_inputs
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels, choose_implementation, interleave_permutation
 
 TARGETS = ("keras", "tflite")
@@ -406,7 +407,7 @@ def _linear_map(layer, channels):
     weights = [np.asarray(w, "float64") for w in layer.get_weights()]
     kernel = weights[0]
     if isinstance(layer, GroupedPointwiseConv2D):
-        kernel = block_diagonal(kernel, layer.groups)
+        kernel = grouped_to_dense(kernel, layer.groups)
     matrix = kernel[0, 0]
     bias = weights[1] if layer.use_bias else np.zeros(matrix.shape[1])
     return matrix, bias
@@ -490,7 +491,7 @@ class _Folder:
         batch_size = self.batch_size if self.depth == 0 else None  # nested models take what they are given
         self.depth += 1
         try:
-            return keras.models.clone_model(model, input_tensors=_named_inputs(model, batch_size),
+            return keras.models.clone_model(model, input_tensors=named_inputs(model, batch_size),
                                             clone_function=clone, call_function=call)
         finally:
             self.depth -= 1
@@ -505,13 +506,13 @@ class _Folder:
             new = keras.layers.Conv2D(merge.kernel.shape[1], 1, name=merge.name, dtype=merge.dtype)
             return new, [merge.kernel[None, None].astype("float32"), merge.bias.astype("float32")]
         if id(layer) in plan.passthrough:
-            return _clone_layer(layer), []  # folded away: never called, never built
+            return clone_layer(layer), []  # folded away: never called, never built
         fold = plan.convs.get(id(layer))
         if fold is not None:
             return _folded_conv(fold, self.target, self.report)
         if isinstance(layer, GroupedPointwiseConv2D) and self.target == "tflite":
             return _folded_conv(_ConvFold(layer), self.target, self.report)
-        new = _clone_layer(layer)
+        new = clone_layer(layer)
         weights = layer.get_weights()
         if id(layer) in plan.permuted_bn:
             perm = plan.permuted_bn[id(layer)]
@@ -538,7 +539,7 @@ def _folded_conv(fold, target, report):
         use_bias = True
     grouped = isinstance(layer, GroupedPointwiseConv2D)
     if grouped and fold.dense:
-        kernel = block_diagonal(kernel, layer.groups)
+        kernel = grouped_to_dense(kernel, layer.groups)
     if fold.in_perm is not None:  # new row perm[o] takes old row o
         inverse = np.argsort(fold.in_perm)
         kernel = kernel[inverse] if kernel.ndim == 2 else kernel[..., inverse, :]
@@ -573,7 +574,7 @@ def _bn_affine(bn, channels):
     return scale, beta.astype("float64") - mean.astype("float64") * scale
 
 
-def block_diagonal(kernel, groups):
+def grouped_to_dense(kernel, groups):
     """A (1, 1, C/g, F) grouped kernel as the dense (1, 1, C, F) kernel of the same convolution."""
     _, _, cg, filters = kernel.shape
     fg = filters // groups
@@ -581,25 +582,6 @@ def block_diagonal(kernel, groups):
     for j in range(groups):
         dense[0, 0, j * cg:(j + 1) * cg, j * fg:(j + 1) * fg] = kernel[0, 0, :, j * fg:(j + 1) * fg]
     return dense
-
-
-def _clone_layer(layer):
-    if isinstance(layer, keras.layers.Lambda):
-        from keras.src.saving.serialization_lib import SafeModeScope
-
-        with SafeModeScope(False):
-            return layer.__class__.from_config(layer.get_config())
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _named_inputs(model, batch_size=None):
-    def new_input(tensor):
-        shape = tuple(tensor.shape)
-        if batch_size is not None:
-            shape = (batch_size,) + shape[1:]
-        return keras.Input(batch_shape=shape, dtype=tensor.dtype, name=tensor._keras_history[0].name)
-
-    return keras.tree.map_structure(new_input, model.input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,11 +646,3 @@ def save_saved_model(model, path, force=False):
     return path
 
 
-def agreement(reference, candidate):
-    """Max |difference| and top-1 agreement between two prediction arrays."""
-    ref = np.asarray(reference, "float64").reshape(len(reference), -1)
-    new = np.asarray(candidate, "float64").reshape(len(candidate), -1)
-    result = {"samples": int(len(ref)), "max_abs_diff": float(np.max(np.abs(ref - new)))}
-    if ref.shape[1] > 1:
-        result["top1_agreement"] = float(np.mean(ref.argmax(1) == new.argmax(1)))
-    return result

@@ -9,18 +9,30 @@ def agreement(original, converted, x, batch_size=32):
     Top-1 agreement is the share of inputs on which both models pick the same class; it is the
     measure that matters for a classifier and the one the README quotes.
     """
-    y_ref = np.asarray(original.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
-    y_new = np.asarray(converted.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
-    ref_flat, new_flat = y_ref.reshape(len(x), -1), y_new.reshape(len(x), -1)
+    return compare_predictions(original.predict(x, batch_size=batch_size, verbose=0),
+                               converted.predict(x, batch_size=batch_size, verbose=0))
+
+
+def compare_predictions(reference, candidate):
+    """The same measures for two arrays of predictions."""
+    ref_flat = np.asarray(reference, "float64").reshape(len(reference), -1)
+    new_flat = np.asarray(candidate, "float64").reshape(len(candidate), -1)
     result = {
-        "samples": int(len(x)),
+        "samples": int(len(ref_flat)),
         "mean_abs_diff": float(np.mean(np.abs(ref_flat - new_flat))),
         "max_abs_diff": float(np.max(np.abs(ref_flat - new_flat))),
-        "correlation": float(np.corrcoef(ref_flat.ravel(), new_flat.ravel())[0, 1]),
+        "correlation": _correlation(ref_flat.ravel(), new_flat.ravel()),
     }
     if ref_flat.shape[1] > 1:
         result["top1_agreement"] = float(np.mean(ref_flat.argmax(1) == new_flat.argmax(1)))
     return result
+
+
+def _correlation(a, b):
+    """Pearson correlation; None when either side is constant (it is undefined there)."""
+    if np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def probe_images(source, model, limit=256):

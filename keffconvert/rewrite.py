@@ -28,13 +28,13 @@ class Rewriter:
             model = keras.Model(view.inputs, view.outputs, name=model.name)
         if isinstance(model, keras.Sequential):
             return keras.models.clone_model(model, clone_function=self._clone)
-        return keras.models.clone_model(model, input_tensors=_named_inputs(model), clone_function=self._clone,
+        return keras.models.clone_model(model, input_tensors=named_inputs(model), clone_function=self._clone,
                                         call_function=self._call)
 
     def _clone(self, layer):
         if isinstance(layer, keras.Model):
             return self.rewrite(layer)
-        clone = _clone_layer(layer)
+        clone = clone_layer(layer)
         self.originals[id(clone)] = layer
         if self.analysis.chain_of(layer) is None and not self.analysis.is_absorbed(layer):
             self.cloned.append((clone, layer))
@@ -95,7 +95,7 @@ class Replacement:
         return self.add([l_out, k_out])
 
 
-def _clone_layer(layer):
+def clone_layer(layer):
     """A new layer from `layer`'s config. A Lambda's code is already in memory (the user loaded
     the model, with --unsafe where it came from a file), so cloning it needs no safe mode."""
     if isinstance(layer, keras.layers.Lambda):
@@ -106,10 +106,14 @@ def _clone_layer(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
-def _named_inputs(model):
-    """New inputs under the original input layers' names (clone_model would name them anew)."""
+def named_inputs(model, batch_size=None):
+    """New inputs under the original input layers' names (clone_model would name them anew),
+    with the batch dimension fixed to `batch_size` when given."""
     def new_input(tensor):
-        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history[0].name)
+        shape = tuple(tensor.shape)
+        if batch_size is not None:
+            shape = (batch_size,) + shape[1:]
+        return keras.Input(batch_shape=shape, dtype=tensor.dtype, name=tensor._keras_history[0].name)
 
     return keras.tree.map_structure(new_input, model.input)
 

@@ -118,7 +118,7 @@ def _check(source, run, images, int8, samples=32):
     """Compare the export with the source model on check images and print the result."""
     import numpy as np
 
-    from keffconvert.export import agreement
+    from keffconvert.fidelity import compare_predictions
 
     shape = tuple(source.inputs[0].shape[1:]) if len(source.inputs) == 1 else None
     if images is None:
@@ -130,7 +130,7 @@ def _check(source, run, images, int8, samples=32):
     else:
         images = images[:samples]
         what = "calibration images"
-    result = agreement(source.predict(images, verbose=0), run(images))
+    result = compare_predictions(source.predict(images, verbose=0), run(images))
     top1 = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
     click.echo(f"check on {result['samples']} {what}: max |difference| {result['max_abs_diff']:.2e}{top1}"
                f"{' (int8: differences are expected)' if int8 else ''}")
