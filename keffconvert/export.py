@@ -616,17 +616,10 @@ def save_saved_model(model, path, force=False):
     from pathlib import Path
 
     from keffconvert.errors import OutputError
+    from keffconvert.outputs import check_writable_dir
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"output {path} exists; pass --force to overwrite it")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a SavedModel directory")
+    path = check_writable_dir(path, force)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {folder} is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
         target = tmp / "model"

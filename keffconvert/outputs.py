@@ -18,6 +18,18 @@ def check_writable(path, force=False):
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a directory; give a file path")
+    return _check_free_and_folder(path, force)
+
+
+def check_writable_dir(path, force=False):
+    """The same checks for an output that is a directory (a SavedModel)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory")
+    return _check_free_and_folder(path, force)
+
+
+def _check_free_and_folder(path, force):
     if path.exists() and not force:
         raise OutputError(f"output {path} exists; pass --force to overwrite it")
     folder = path.parent if str(path.parent) else Path(".")

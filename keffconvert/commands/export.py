@@ -46,7 +46,7 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
     """Export MODEL for inference as TFLite, SavedModel or .keras, and check its predictions."""
     from keffconvert.export import DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, default_output, inference_model
     from keffconvert.loading import load_model
-    from keffconvert.outputs import check_writable
+    from keffconvert.outputs import check_writable, check_writable_dir
 
     if int8 and fmt != "tflite":
         raise click.UsageError("--int8 applies to --format tflite only")
@@ -56,7 +56,7 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
         raise click.UsageError("--int8 needs --calibration DATA (representative images: an .npz with x, or 'digits')")
     output = Path(output) if output else default_output(model, fmt, int8)
     if fmt == "saved_model":
-        _check_directory_output(output, force)
+        check_writable_dir(output, force)
     else:
         check_writable(output, force)  # fail before the slow part
     limit = DEFAULT_MAX_DENSE_WEIGHTS if max_dense_weights is None else max_dense_weights
@@ -90,18 +90,6 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
     kind = f"{fmt}{' int8' if int8 else ''}{' per-tensor' if per_tensor else ''}"
     click.echo(f"wrote {output} ({kind}, {_size(output):,} bytes)")
     _check(source, run, images, int8)
-
-
-def _check_directory_output(path, force):
-    from keffconvert.errors import OutputError
-
-    if path.exists() and not force:
-        raise OutputError(f"output {path} exists; pass --force to overwrite it")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a directory")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist")
 
 
 def _calibration_images(source, model, limit):
