@@ -23,7 +23,6 @@ process make the ratios robust to background load, the absolute times are not.
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import time
@@ -216,10 +215,9 @@ def main(argv=None):
             print(f"  {regime:5s} per-shape sum: " + "  ".join(
                 f"{n}={t['total_ms'][n]:.1f}" for n in t["total_ms"]) + f"  best-per-shape={t['best_per_shape_ms']:.1f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.out}")
+        from keffconvert.outputs import write_json
+
+        print(f"wrote {write_json(args.out, results, force=True)}")
 
 
 if __name__ == "__main__":

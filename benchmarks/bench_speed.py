@@ -263,10 +263,9 @@ def main(argv=None):
     for row in results["targets"]:
         print(f"  {row['target']:<52s} {row['value']:>7.3f}  target {row['limit']:<7s} {'met' if row['met'] else 'NOT met'}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.out}")
+        from keffconvert.outputs import write_json
+
+        print(f"wrote {write_json(args.out, results, force=True)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ which is what bounds the whole-model ratio.
 """
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -22,6 +21,7 @@ import tensorflow as tf
 from keffconvert.export import inference_model
 from keffconvert.graph import Graph
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
+from keffconvert.outputs import write_json
 
 
 def kind(layer):
@@ -95,8 +95,7 @@ def main():
     print(f"{'total':34s} {1e3 * totals['original']:9.1f} {1e3 * totals['converted']:10.1f}   "
           f"ratio {totals['converted'] / totals['original']:.2f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"size": args.size, "batch": args.batch, "seconds": result}, f, indent=2)
+        write_json(args.out, {"size": args.size, "batch": args.batch, "seconds": result}, force=True)
 
 
 if __name__ == "__main__":
