@@ -84,6 +84,15 @@ def assert_same_predictions(a, b, x, atol=ATOL):
     np.testing.assert_allclose(yb, ya, atol=atol)
 
 
+def fold_and_compare(model, seed, samples=2):
+    """Fold `model` for inference, assert it predicts the same on random inputs; the folded model and report."""
+    report = FoldReport()
+    folded = inference_model(model, report=report)
+    x = np.random.default_rng(seed).normal(size=(samples, *model.inputs[0].shape[1:])).astype("float32")
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL)
+    return folded, report
+
+
 def count_layers(model, kind):
     return sum(isinstance(layer, kind) for layer in model.layers)
 
@@ -143,23 +152,16 @@ def _bn_after(layer_factory, x_shape, **bn):
 ])
 def test_batch_norm_folds_into_each_conv_kind(factory, bn):
     model = _bn_after(factory, (5, 5, 4), **bn)
-    x = np.random.default_rng(1).normal(size=(3, 5, 5, 4)).astype("float32")
-    report = FoldReport()
-    folded = inference_model(model, report=report)
+    _, report = fold_and_compare(model, seed=1, samples=3)
     assert len(report.batch_norms) == 1
-    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL)
 
 
 def test_batch_norm_stays_when_the_conv_output_has_two_consumers():
     inp = keras.Input((4, 4, 4))
     c = keras.layers.Conv2D(4, 1, name="c")(inp)
     out = keras.layers.Add()([keras.layers.BatchNormalization(momentum=0.9, name="bn")(c), c])
-    model = moderate(keras.Model(inp, out))
-    report = FoldReport()
-    folded = inference_model(model, report=report)
+    _, report = fold_and_compare(moderate(keras.Model(inp, out)), seed=2)
     assert not report.batch_norms
-    x = np.random.default_rng(2).normal(size=(2, 4, 4, 4)).astype("float32")
-    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL)
 
 
 def test_interleave_folds_into_dense_layers_and_back_into_its_conv():
@@ -171,13 +173,9 @@ def test_interleave_folds_into_dense_layers_and_back_into_its_conv():
     d = keras.layers.Conv2D(8, 3, padding="same", name="dense_conv")(InterleaveChannels(3, name="fwd")(k))
     pooled = keras.layers.GlobalAveragePooling2D()(d)
     out = keras.layers.Dense(3, name="head")(InterleaveChannels(2, name="to_dense")(pooled))
-    model = moderate(keras.Model(inp, out))
-    report = FoldReport()
-    folded = inference_model(model, report=report)
+    folded, report = fold_and_compare(moderate(keras.Model(inp, out)), seed=3)
     assert count_layers(folded, InterleaveChannels) == 0
     assert len(report.interleaves) == 3
-    x = np.random.default_rng(3).normal(size=(2, 4, 4, 8)).astype("float32")
-    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL)
 
 
 def test_nested_and_shared_layers(converted, images):
@@ -189,12 +187,8 @@ def test_nested_and_shared_layers(converted, images):
     inp = keras.Input((4, 4, 4))
     conv, bn = keras.layers.Conv2D(4, 1, name="shared"), keras.layers.BatchNormalization(momentum=0.9, name="bn")
     out = bn(conv(conv(inp)))
-    model = moderate(keras.Model(inp, out))
-    report = FoldReport()
-    folded = inference_model(model, report=report)
+    _, report = fold_and_compare(moderate(keras.Model(inp, out)), seed=4)
     assert not report.batch_norms
-    x = np.random.default_rng(4).normal(size=(2, 4, 4, 4)).astype("float32")
-    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL)
 
 
 def test_folded_keras_model_saves_and_loads(converted, images, tmp_path):
