@@ -29,7 +29,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from keffconvert.errors import KeffError, UnsupportedModelError
+from keffconvert.errors import BudgetConfigError, UnsupportedModelError
 
 try:  # Python >= 3.11
     import tomllib
@@ -48,12 +48,6 @@ _WHAT = {
     "min-reduction": "trainable-parameter reduction",
 }
 _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-class BudgetConfigError(KeffError):
-    """The budget itself is unusable (no limits, unreadable budget file, bad value): a usage error."""
-
-    exit_code = 2
 
 
 # ---------------------------------------------------------------------------------------------

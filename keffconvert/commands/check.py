@@ -1,10 +1,12 @@
-"""`keffconvert check MODEL`: fail (exit 1) when a model is over its parameter budget."""
+"""`keffconvert check MODEL`: fail (exit 1, and only then) when a model is over its parameter budget."""
 
 import json
 
 import click
 
-BUDGET_HELP = """\b
+from keffconvert.errors import INPUT, INTERNAL_ERROR, OVER_BUDGET, SUCCESS, UNSUPPORTED_MODEL, USAGE
+
+BUDGET_HELP = f"""\b
 Limits come from the options, from --budget FILE, or (with neither) from the
 [tool.keffconvert.budget] table of ./pyproject.toml; options override file values:
 
@@ -19,8 +21,9 @@ Limits come from the options, from --budget FILE, or (with neither) from the
   channels-per-group = 16
 
 \b
-Exit codes: 0 within budget, 1 over budget, 2 usage error (no limits, bad
-budget file), 3 model or baseline unreadable, 4 model cannot be measured."""
+Exit codes: {SUCCESS} within budget, {OVER_BUDGET} over budget (and nothing else), {USAGE} usage
+error (no limits, bad budget file), {INPUT} model or baseline unreadable, {UNSUPPORTED_MODEL} model
+cannot be measured, {INTERNAL_ERROR} internal error (a bug; see keffconvert --help)."""
 
 
 class CountType(click.ParamType):
@@ -29,7 +32,8 @@ class CountType(click.ParamType):
     name = "N"
 
     def convert(self, value, param, ctx):
-        from keffconvert.budget import BudgetConfigError, parse_count
+        from keffconvert.budget import parse_count
+        from keffconvert.errors import BudgetConfigError
 
         if isinstance(value, int):
             return value
@@ -100,4 +104,4 @@ def check_command(ctx, model, max_params, max_total_params, max_macs, min_reduct
             click.echo(verdict.message())
         click.echo(summary_line(verdicts))
     if not all(v.passed for v in verdicts):
-        ctx.exit(1)
+        ctx.exit(OVER_BUDGET)  # the only way `check` exits 1: errors have their own codes

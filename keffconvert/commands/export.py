@@ -4,7 +4,11 @@ from pathlib import Path
 
 import click
 
-FORMAT_HELP = """\b
+from keffconvert.errors import EXPORT_MISMATCH
+
+DEFAULT_TOLERANCE = 1e-3  # float exports differ from their source by float rounding only (about 1e-6)
+
+FORMAT_HELP = f"""\b
 Formats:
   tflite       TensorFlow Lite flatbuffer, batch size 1 (float32; --int8 for
                int8 post-training quantisation with float32 input and output)
@@ -15,7 +19,8 @@ Formats:
 Before writing, BatchNormalization is folded into the conv before it, interleaves
 into weights where exact, and linear residual blocks into one 1x1 conv (--no-fold
 keeps the model as it is). The export is then run on check images (the
-calibration data, else random images) and compared with MODEL."""
+calibration data, else random images) and compared with MODEL; one that
+disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_MISMATCH}."""
 
 
 @click.command("export", epilog=FORMAT_HELP)
@@ -41,8 +46,15 @@ calibration data, else random images) and compared with MODEL."""
 @click.option("--input-size", type=click.IntRange(min=8), default=None, help="Square input side, for a built-in model name.")
 @click.option("--unsafe", is_flag=True, help="Allow Lambda layers (runs code stored in the file: only for files you trust).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
+              metavar="TOL",
+              help="Largest max |difference| allowed between MODEL's and the export's outputs on the check images, "
+                   "as a share of MODEL's largest |output| (at least 1). Not applied to --int8 exports.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PCT",
+              help="Least top-1 agreement with MODEL on the check images, in percent (the check that suits "
+                   "--int8). Default: not checked.")
 def export_command(model, fmt, int8, per_tensor, calibration, calibration_samples, output, no_fold, max_dense_weights, classes,
-                   input_size, unsafe, force):
+                   input_size, unsafe, force, tolerance, min_agreement):
     """Export MODEL for inference as TFLite, SavedModel or .keras, and check its predictions."""
     from keffconvert.export import DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, default_output, inference_model
     from keffconvert.loading import load_model
@@ -60,36 +72,48 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
     else:
         check_writable(output, force)  # fail before the slow part
     limit = DEFAULT_MAX_DENSE_WEIGHTS if max_dense_weights is None else max_dense_weights
+    kind = f"{fmt}{' int8' if int8 else ''}{' per-tensor' if per_tensor else ''}"
 
     source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
     images = _calibration_images(calibration, source, calibration_samples) if calibration else None
     report = FoldReport()
+
+    def check(exported):
+        """Print the comparison; refuse (nothing written) an export that disagrees."""
+        from keffconvert.errors import ExportMismatchError
+
+        result = verify_export(source, exported, images, int8=int8, tolerance=tolerance,
+                               min_agreement=None if min_agreement is None else min_agreement / 100)
+        click.echo(describe_check(result, int8))
+        if result is not None and not result["passed"]:
+            raise ExportMismatchError(f"the {kind} export disagrees with {model}: {'; '.join(result['problems'])}; "
+                                      f"{output} not written")
+
     if fmt == "tflite":
-        from keffconvert.export_tflite import predict, to_tflite, write_tflite
+        from keffconvert.export_tflite import to_tflite, write_tflite
 
         content = to_tflite(source, int8=int8, calibration=images, per_channel=not per_tensor, fold=not no_fold,
                             max_dense_weights=limit, report=report)
+        _fold_summary(report, no_fold)
+        check(content)
         write_tflite(content, output, force)
-        run = lambda x: predict(content, x)  # noqa: E731
     else:
         exported = source if no_fold else inference_model(source, target="keras", max_dense_weights=limit,
                                                           report=report)
+        _fold_summary(report, no_fold)
         if fmt == "keras":
             from keffconvert.export import save_keras
 
+            check(exported)
             save_keras(exported, output, force)
-            run = lambda x: exported.predict(x, verbose=0)  # noqa: E731
         else:
-            from keffconvert.export import save_saved_model
-            from keffconvert.export_tflite import predict_saved_model
+            _save_saved_model_checked(exported, output, force, check)
+    click.echo(f"wrote {output} ({kind}, {_size(output):,} bytes)")
 
-            save_saved_model(exported, output, force)
-            run = lambda x: predict_saved_model(output, x)  # noqa: E731
+
+def _fold_summary(report, no_fold):
     if not no_fold:
         click.echo(report.summary())
-    kind = f"{fmt}{' int8' if int8 else ''}{' per-tensor' if per_tensor else ''}"
-    click.echo(f"wrote {output} ({kind}, {_size(output):,} bytes)")
-    _check(source, run, images, int8)
 
 
 def _calibration_images(source, model, limit):
@@ -102,8 +126,49 @@ def _calibration_images(source, model, limit):
     return images
 
 
-def _check(source, run, images, int8, samples=32):
-    """Compare the export with the source model on check images and print the result."""
+def _predictor(exported):
+    """x -> outputs for a Keras model, TFLite flatbuffer bytes, a callable, or a path to a SavedModel
+    folder, a .tflite file or a .keras/.h5 file."""
+    if isinstance(exported, (str, Path)):
+        path = Path(exported)
+        if path.is_dir():
+            from keffconvert.export_tflite import predict_saved_model
+
+            return lambda x: predict_saved_model(path, x)
+        if path.suffix == ".tflite":
+            exported = path.read_bytes()
+        else:
+            import keras
+
+            exported = keras.models.load_model(path, compile=False)
+    if isinstance(exported, (bytes, bytearray)):
+        from keffconvert.export_tflite import predict
+
+        return lambda x: predict(exported, x)
+    if hasattr(exported, "predict"):
+        return lambda x: exported.predict(x, verbose=0)
+    if callable(exported):
+        return exported
+    raise TypeError(f"cannot run a {type(exported).__name__}: expected a Keras model, TFLite bytes, a callable "
+                    "or a path to a SavedModel folder, .tflite or .keras file")
+
+
+def verify_export(source, exported, images=None, *, int8=False, tolerance=DEFAULT_TOLERANCE, min_agreement=None,
+                  samples=32):
+    """Run `exported` and its `source` Keras model on check images and say whether they agree.
+
+    `exported`: a Keras model, TFLite flatbuffer bytes, a callable x -> outputs, or a path to a
+    SavedModel folder, a .tflite file or a .keras/.h5 file.
+    `images`: the check images (the first `samples` are used); None: 8 random images in 0..255, when
+    the source has one input of fixed shape. Float exports must keep max |difference| within
+    `tolerance` x max(1, largest |output| of the source) (`int8=True`: not applied, quantisation
+    differs by design); `min_agreement` (a share, 0..1) is the least top-1 agreement, for any export.
+    Non-finite outputs always fail.
+
+    Returns None when there is nothing to check on, else `fidelity.compare_predictions`' dict plus
+    `images` (what they were), `allowed_max_abs_diff` (None for int8), `problems` (one string per
+    failed test) and `passed`.
+    """
     import numpy as np
 
     from keffconvert.fidelity import compare_predictions
@@ -111,17 +176,80 @@ def _check(source, run, images, int8, samples=32):
     shape = tuple(source.inputs[0].shape[1:]) if len(source.inputs) == 1 else None
     if images is None:
         if shape is None or None in shape:
-            click.echo("check skipped: the model input has no fixed shape; pass --calibration DATA to check")
-            return
+            return None
         images = np.random.default_rng(0).uniform(0, 255, (8,) + shape).astype("float32")
         what = "random images"
     else:
         images = images[:samples]
         what = "calibration images"
-    result = compare_predictions(source.predict(images, verbose=0), run(images))
+    want = np.asarray(source.predict(images, verbose=0))
+    got = np.asarray(_predictor(exported)(images))
+    if got.shape != want.shape:
+        problems = [f"outputs of shape {got.shape}, MODEL gives {want.shape}"]
+        return {"samples": len(images), "images": what, "allowed_max_abs_diff": None, "problems": problems,
+                "passed": False}
+    result = compare_predictions(want, got)
+    result["images"] = what
+    problems = []
+    if not np.all(np.isfinite(got)):
+        problems.append("non-finite outputs (NaN or inf)")
+    allowed = None
+    if not int8:
+        allowed = float(tolerance * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0))
+        if not result["max_abs_diff"] <= allowed:  # NaN fails too
+            problems.append(f"max |difference| {result['max_abs_diff']:.2e} > {allowed:.2e} allowed")
+    if min_agreement is not None and "top1_agreement" in result and not result["top1_agreement"] >= min_agreement:
+        problems.append(f"top-1 agreement {result['top1_agreement']:.1%} < {min_agreement:.1%}")
+    result.update(allowed_max_abs_diff=allowed, problems=problems, passed=not problems)
+    return result
+
+
+def describe_check(result, int8=False):
+    """One line for the result of `verify_export`."""
+    if result is None:
+        return "check skipped: the model input has no fixed shape; pass --calibration DATA to check"
+    if "max_abs_diff" not in result:
+        return f"check on {result['samples']} {result['images']}: {'; '.join(result['problems'])}"
+    allowed = result["allowed_max_abs_diff"]
+    limit = f", allowed {allowed:.2e}" if allowed is not None else ""
     top1 = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
-    click.echo(f"check on {result['samples']} {what}: max |difference| {result['max_abs_diff']:.2e}{top1}"
-               f"{' (int8: differences are expected)' if int8 else ''}")
+    verdict = "" if result["passed"] else " -- DISAGREES"
+    note = " (int8: differences are expected)" if int8 and result["passed"] else ""
+    return (f"check on {result['samples']} {result['images']}: max |difference| {result['max_abs_diff']:.2e}"
+            f"{limit}{top1}{note}{verdict}")
+
+
+def _save_saved_model_checked(model, output, force, check):
+    """Write the SavedModel into a hidden folder beside `output`, `check` it there, and only then
+    move it to `output` (replacing an old one with --force); a failed check leaves nothing."""
+    import os
+    import shutil
+    import tempfile
+
+    from keffconvert.errors import OutputError
+    from keffconvert.export import save_saved_model
+    from keffconvert.outputs import check_writable_dir
+
+    output = check_writable_dir(output, force)
+    folder = output.parent if str(output.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=folder))
+    try:
+        staged = save_saved_model(model, staging / "model")
+        check(staged)
+        old = staging / "old" if output.exists() else None
+        if old is not None:
+            os.replace(output, old)
+        try:
+            os.replace(staged, output)
+        except OSError:
+            if old is not None:
+                os.replace(old, output)
+            raise
+    except OSError as error:
+        raise OutputError(f"could not write {output}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
 
 
 def _size(path):
