@@ -12,10 +12,12 @@ import keras
 
 from keffconvert.errors import UnsupportedModelError
 from keffconvert.graph import Graph, functional_view, is_graph_model
+from keffconvert.layer_kinds import (is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm,
+                                     is_plain_conv2d)
 from keffconvert.macs import layer_macs, model_macs
 from keffconvert.plan import LayerPlan, Plan
+from keffconvert.replacement import describe, dropped_settings
 
-ACTIVATION_LAYERS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
 
 
 def choose_groups(in_channels, filters, channels_per_group):
@@ -29,12 +31,17 @@ def choose_groups(in_channels, filters, channels_per_group):
 
 @dataclass
 class Chain:
-    """A pointwise conv M with the BatchNormalization B and activation A that only it feeds."""
+    """A pointwise conv M with the BatchNormalization B and activation A that only it feeds,
+    and the new layers (`replacement.NewLayer`) that stand in for it."""
 
     conv: keras.layers.Conv2D
     bn: keras.layers.BatchNormalization | None
     act: keras.layers.Layer | None
     entry: LayerPlan
+    new_layers: list = field(default_factory=list)
+
+    def new_layer(self, role):
+        return next((layer for layer in self.new_layers if layer.role == role), None)
 
     @property
     def layers(self):
@@ -72,7 +79,7 @@ def analyze(model, channels_per_group=16, include=None, exclude=None):
     analysis = Analysis(plan=Plan(model_name=model.name, channels_per_group=channels_per_group,
                                   input_shape=_input_shape(model)))
     walker = _Walker(analysis, channels_per_group, include or [], exclude or [])
-    walker.walk(model, prefix="")
+    walker.walk(model, prefix="", trainable=model.trainable)
     plan = analysis.plan
     plan.trainable_params_before = _count(model.trainable_weights)
     plan.total_params_before = _count(model.weights)
@@ -93,26 +100,33 @@ class _Walker:
         self.include = include
         self.exclude = exclude
 
-    def walk(self, model, prefix):
+    def walk(self, model, prefix, trainable):
+        """`trainable`: whether every model enclosing this level is trainable (a frozen nested
+        model freezes what it holds, whatever its layers say)."""
         graph = Graph(functional_view(model))
         for node in graph.nodes:
             layer = node.operation
             if is_graph_model(layer):
-                self.walk(layer, prefix=f"{prefix}{layer.name}/")
+                self.walk(layer, prefix=f"{prefix}{layer.name}/", trainable=trainable and layer.trainable)
+                continue
+            if isinstance(layer, keras.Model):
+                self.analysis.plan.kept_models.append({
+                    "name": f"{prefix}{layer.name}", "type": type(layer).__name__,
+                    "reason": "subclassed model: it has no layer graph to rewrite, so it is kept as it is"})
                 continue
             if getattr(layer, "data_format", None) == "channels_first":
                 raise UnsupportedModelError(
                     f"layer {prefix}{layer.name} uses data_format='channels_first'; "
                     "keffconvert rewrites channels_last models only"
                 )
-            if isinstance(layer, keras.layers.Conv2D) and not _is_depthwise(layer):
-                self._plan_conv(graph, node, layer, prefix)
+            if isinstance(layer, keras.layers.Conv2D):
+                self._plan_conv(graph, node, layer, prefix, trainable)
 
-    def _plan_conv(self, graph, node, conv, prefix):
+    def _plan_conv(self, graph, node, conv, prefix, trainable):
         name = f"{prefix}{conv.name}"
         c_in, filters = node.input_tensors[0].shape[-1], conv.filters
         entry = LayerPlan(name=name, in_channels=c_in, filters=filters)
-        _fill_unchanged(entry, conv, node)
+        _fill_unchanged(entry, conv, node, trainable)
         self.analysis.plan.layers.append(entry)
         reason = self._ineligible(graph, conv, name, c_in)
         if reason:
@@ -126,8 +140,8 @@ class _Walker:
                             f"no common divisor of C={c_in} and F={filters} in 2..{limit}")
             return
         bn, act = _follow_chain(graph, node, conv)
-        chain = Chain(conv, bn, act, entry)
-        _fill_entry(entry, chain, node.outputs[0].shape, groups)
+        chain = Chain(conv, bn, act, entry, describe(conv, bn, act, c_in, groups))
+        _fill_entry(entry, chain, node.outputs[0].shape, groups, trainable)
         self.analysis.chains[id(conv)] = chain
         self.analysis.absorbed.update(id(layer) for layer in (bn, act) if layer is not None)
 
@@ -137,6 +151,10 @@ class _Walker:
         for pattern in self.exclude:
             if _matches(conv.name, name, [pattern]):
                 return f"excluded by pattern {pattern!r}"
+        if not is_plain_conv2d(conv):
+            return f"{type(conv).__name__} is a subclass of Conv2D: its call may compute something else"
+        if conv.activation is not keras.activations.linear and not is_elementwise(conv.activation):
+            return f"its activation {_function_name(conv.activation)!r} is not element-wise"
         if tuple(conv.kernel_size) != (1, 1):
             return f"kernel {conv.kernel_size[0]}x{conv.kernel_size[1]} is not 1x1"
         if tuple(conv.strides) != (1, 1):
@@ -157,46 +175,41 @@ def _follow_chain(graph, node, conv):
     if conv.activation is not keras.activations.linear:
         return None, None
     bn_node = graph.sole_consumer(node)
-    if bn_node is None or not isinstance(bn_node.operation, keras.layers.BatchNormalization) \
-            or bn_node.operation.axis not in (-1, 3) or graph.call_count(bn_node.operation) != 1:
+    rank = len(node.outputs[0].shape)
+    if bn_node is None or not is_plain_batch_norm(bn_node.operation, rank) \
+            or graph.call_count(bn_node.operation) != 1:
         return None, None
     act_node = graph.sole_consumer(bn_node)
-    if act_node is None or not isinstance(act_node.operation, ACTIVATION_LAYERS) \
+    if act_node is None or not is_elementwise_activation_layer(act_node.operation) \
             or graph.call_count(act_node.operation) != 1:
         return bn_node.operation, None
     return bn_node.operation, act_node.operation
 
 
-def _fill_unchanged(entry, conv, node):
+def _fill_unchanged(entry, conv, node, trainable):
     """A skipped conv keeps its parameters and MACs; a converted one overwrites these."""
-    params = sum(_count([w]) for w in conv.weights)
-    entry.total_before = entry.total_after = params
-    entry.trainable_before = entry.trainable_after = params if conv.trainable else 0
+    entry.total_before = entry.total_after = _count(conv.weights)
+    entry.trainable_before = entry.trainable_after = _count(conv.trainable_weights) if trainable else 0
     entry.macs_before = entry.macs_after = layer_macs(conv, node.input_tensors[0].shape, node.outputs[0].shape)
 
 
-def _fill_entry(entry, chain, out_shape, groups):
-    conv, bn = chain.conv, chain.bn
+def _fill_entry(entry, chain, out_shape, groups, trainable):
+    """Counts before from the chain's own weights, after from the new layers' descriptions."""
     c_in, filters = entry.in_channels, entry.filters
     step = filters // groups
     entry.converted = True
     entry.interleave_step = step if step > 1 else None
     entry.second_conv = c_in >= filters
-    entry.batch_norm = bn.name if bn is not None else None
+    entry.batch_norm = chain.bn.name if chain.bn is not None else None
     entry.activation_layer = chain.act.name if chain.act is not None else None
     entry.activation = _activation_name(chain)
-    bias = filters if conv.use_bias else 0
-    bn_trainable = (int(bn.scale) + int(bn.center)) * filters if bn is not None else 0
-    bn_frozen = 2 * filters if bn is not None else 0
-    train = conv.trainable
-    entry.trainable_before = (c_in * filters + bias if train else 0) + (bn_trainable if bn is not None and bn.trainable else 0)
-    entry.total_before = c_in * filters + bias + bn_trainable + bn_frozen
-    new_bn = 2 * filters if bn is not None else 0  # B' always has center and scale
-    k = c_in * filters // groups + bias
-    l_conv = filters * filters // groups + bias if entry.second_conv else 0
-    branches = 2 if entry.second_conv else 1
-    entry.trainable_after = (k + l_conv + new_bn * branches) if train else 0
-    entry.total_after = k + l_conv + (new_bn + bn_frozen) * branches
+    entry.dropped_settings = dropped_settings(chain.conv)
+    old = [layer for layer in (chain.conv, chain.bn) if layer is not None]
+    entry.total_before = sum(_count(layer.weights) for layer in old)
+    entry.trainable_before = sum(_count(layer.trainable_weights) for layer in old) if trainable else 0
+    sizes = [size for layer in chain.new_layers for size in layer.weight_sizes()]
+    entry.total_after = sum(n for n, _ in sizes)
+    entry.trainable_after = sum(n for n, train in sizes if train) if trainable else 0
     spatial = _spatial(out_shape)
     if spatial is not None:
         entry.macs_before = spatial * c_in * filters
@@ -207,11 +220,15 @@ def _activation_name(chain):
     if chain.act is not None:
         act = chain.act
         if isinstance(act, keras.layers.Activation):
-            return keras.activations.serialize(act.activation) if not isinstance(act.activation, str) else act.activation
+            return _function_name(act.activation)
         return type(act).__name__
     if chain.conv.activation is not keras.activations.linear:
-        return keras.activations.serialize(chain.conv.activation)
+        return _function_name(chain.conv.activation)
     return None
+
+
+def _function_name(fn):
+    return fn if isinstance(fn, str) else keras.activations.serialize(fn)
 
 
 def _spatial(shape):
@@ -226,10 +243,6 @@ def _spatial(shape):
 
 def _matches(short_name, path, patterns):
     return any(fnmatch.fnmatchcase(short_name, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
-
-
-def _is_depthwise(layer):
-    return isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D))
 
 
 def _input_shape(model):

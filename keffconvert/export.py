@@ -46,19 +46,12 @@ import keras
 import numpy as np
 
 from keffconvert.graph import Graph, functional_view, is_graph_model
+from keffconvert.layer_kinds import is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm
 from keffconvert.rewrite import clone_layer, named_inputs
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels, choose_implementation, interleave_permutation
 
 TARGETS = ("keras", "tflite")
 DEFAULT_MAX_DENSE_WEIGHTS = 16384
-
-# Activations that act on each value alone, so a channel permutation passes through them.
-_ELEMENTWISE = {
-    "linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "swish", "silu", "hard_swish", "hard_silu", "gelu",
-    "tanh", "elu", "selu", "softplus", "softsign", "exponential", "leaky_relu", "mish", "log_sigmoid",
-    "celu", "squareplus", "sparse_plus", "soft_shrink", "hard_shrink", "tanh_shrink", "hard_tanh",
-}
-
 
 @dataclass
 class FoldReport:
@@ -268,7 +261,7 @@ class _LevelPlan:
     def _plan_bn(self, node):
         bn = node.operation
         rank = len(node.input_tensors[0].shape) if len(node.input_tensors) == 1 else 0
-        if not self._once(bn) or bn.axis not in (-1, rank - 1) or self._taken(bn):
+        if not self._once(bn) or not is_plain_batch_norm(bn, rank) or self._taken(bn):
             return
         producer = self._producer_of(node)
         if producer is None or not self._feeds_only(producer, node):
@@ -362,13 +355,13 @@ class _LevelPlan:
             if id(layer) in self.passthrough and not isinstance(layer, keras.layers.BatchNormalization):
                 return None
             if isinstance(layer, keras.layers.BatchNormalization):
-                if layer.axis not in (-1, len(producer.outputs[0].shape) - 1):
+                if not is_plain_batch_norm(layer, len(producer.outputs[0].shape)):
                     return None
                 between.append(layer)
-            elif _is_elementwise_activation(layer):
+            elif is_elementwise_activation_layer(layer):
                 pass
             elif isinstance(layer, GroupedPointwiseConv2D) or _is_dense_conv(layer):
-                if not _elementwise(layer.activation) or self._planned_perm(layer, "out_perm"):
+                if not is_elementwise(layer.activation) or self._planned_perm(layer, "out_perm"):
                     return None
                 return layer, between
             else:
@@ -390,7 +383,7 @@ def _is_pointwise_conv(layer):
 
 def _is_linear_pointwise(layer):
     if isinstance(layer, keras.layers.BatchNormalization):
-        return layer.axis in (-1, 3)
+        return is_plain_batch_norm(layer, 4)
     return isinstance(layer, InterleaveChannels) or _is_pointwise_conv(layer)
 
 
@@ -435,16 +428,6 @@ def _bn_foldable_into(layer):
 def _is_dense_conv(layer):
     """A Conv2D that mixes all input channels (groups=1, channels_last)."""
     return type(layer) is keras.layers.Conv2D and layer.groups == 1 and layer.data_format == "channels_last"
-
-
-def _elementwise(fn):
-    return getattr(fn, "__name__", None) in _ELEMENTWISE
-
-
-def _is_elementwise_activation(layer):
-    if isinstance(layer, keras.layers.Activation):
-        return _elementwise(layer.activation)
-    return isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU))
 
 
 # ---------------------------------------------------------------------------------------------

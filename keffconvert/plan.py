@@ -28,6 +28,7 @@ class LayerPlan:
     total_after: int = 0
     macs_before: int | None = None
     macs_after: int | None = None
+    dropped_settings: list = field(default_factory=list)  # settings of M no new layer carries
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Plan:
     macs_before: int | None = None
     macs_after: int | None = None
     fidelity: dict | None = None
+    kept_models: list = field(default_factory=list)  # nested models left as they are, with the reason
 
     @property
     def converted(self):

@@ -8,8 +8,8 @@ changed; every other layer is cloned from its config under its own name.
 
 import keras
 
-from keffconvert.graph import functional_view
-from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
+from keffconvert.errors import UnsupportedModelError
+from keffconvert.graph import functional_view, is_graph_model
 
 
 class Rewriter:
@@ -32,9 +32,12 @@ class Rewriter:
                                         call_function=self._call)
 
     def _clone(self, layer):
-        if isinstance(layer, keras.Model):
-            return self.rewrite(layer)
-        clone = clone_layer(layer)
+        if is_graph_model(layer):
+            clone = self.rewrite(layer)
+            if not layer.trainable:
+                clone.trainable = False  # Keras propagates this to the layers, as it did in the original
+            return clone
+        clone = clone_subclassed_model(layer) if isinstance(layer, keras.Model) else clone_layer(layer)
         self.originals[id(clone)] = layer
         if self.analysis.chain_of(layer) is None and not self.analysis.is_absorbed(layer):
             self.cloned.append((clone, layer))
@@ -53,38 +56,15 @@ class Rewriter:
 
 
 class Replacement:
-    """The layers that stand in for one chain: K, B', A, interleave, then L, B'', A and the sum."""
+    """The layers that stand in for one chain, built from its `NewLayer` descriptions:
+    K, B', A, interleave, then L, B'', A and the sum (absent roles are None)."""
+
+    ROLES = ("k", "k_bn", "k_act", "interleave", "l", "l_bn", "l_act", "sum")
 
     def __init__(self, chain):
-        conv, bn, act, entry = chain.conv, chain.bn, chain.act, chain.entry
-        self.k = self._grouped(conv, entry, f"{conv.name}_k")
-        self.k_bn = _batch_norm(bn, bn.name) if bn is not None else None
-        self.k_act = _activation(act, act.name) if act is not None else None
-        self.interleave = InterleaveChannels(entry.interleave_step, name=f"{conv.name}_interleave") \
-            if entry.interleave_step else None
-        self.l = self.l_bn = self.l_act = self.add = None
-        if entry.second_conv:
-            self.l = self._grouped(conv, entry, f"{conv.name}_l")
-            self.l_bn = _batch_norm(bn, f"{bn.name}_l") if bn is not None else None
-            self.l_act = _activation(act, f"{act.name}_l") if act is not None else None
-            self.add = keras.layers.Add(name=f"{conv.name}_sum")
-
-    @staticmethod
-    def _grouped(conv, entry, name):
-        config = conv.get_config()
-        return GroupedPointwiseConv2D(
-            filters=entry.filters,
-            groups=entry.groups,
-            use_bias=conv.use_bias,
-            activation=config["activation"],
-            kernel_initializer=config["kernel_initializer"],
-            bias_initializer=config["bias_initializer"],
-            kernel_regularizer=config["kernel_regularizer"],
-            bias_regularizer=config["bias_regularizer"],
-            trainable=conv.trainable,
-            dtype=config.get("dtype"),
-            name=name,
-        )
+        built = {layer.role: layer.build() for layer in chain.new_layers}
+        for role in self.ROLES:
+            setattr(self, role, built.get(role))
 
     def __call__(self, x):
         k_out = _apply([self.k, self.k_bn, self.k_act], x)
@@ -92,7 +72,7 @@ class Replacement:
         if self.l is None:
             return mixed
         l_out = _apply([self.l, self.l_bn, self.l_act], mixed)
-        return self.add([l_out, k_out])
+        return self.sum([l_out, k_out])
 
 
 def clone_layer(layer):
@@ -104,6 +84,21 @@ def clone_layer(layer):
         with SafeModeScope(False):
             return layer.__class__.from_config(layer.get_config())
     return layer.__class__.from_config(layer.get_config())
+
+
+def clone_subclassed_model(model):
+    """A copy of a nested subclassed model, kept as it is (it has no graph to rewrite).
+
+    It must round-trip through its config, as saving it would need anyway; its weights are
+    copied once the new model is built.
+    """
+    try:
+        return model.__class__.from_config(model.get_config())
+    except Exception as error:  # user code: any failure means the same thing
+        raise UnsupportedModelError(
+            f"nested subclassed model {model.name!r} ({type(model).__name__}) cannot be copied: "
+            f"its get_config/from_config do not round-trip ({type(error).__name__}: {error}); "
+            "rebuild it as a Functional or Sequential model") from error
 
 
 def named_inputs(model, batch_size=None):
@@ -123,16 +118,3 @@ def _apply(layers, x):
         if layer is not None:
             x = layer(x)
     return x
-
-
-def _batch_norm(bn, name):
-    """B' keeps B's settings but always has a scale and a centre (rule 2)."""
-    config = bn.get_config()
-    config.update(name=name, center=True, scale=True)
-    return keras.layers.BatchNormalization.from_config(config)
-
-
-def _activation(act, name):
-    config = act.get_config()
-    config["name"] = name
-    return act.__class__.from_config(config)

@@ -6,6 +6,9 @@ within-group connections. Where the replacement's output is the interleaved K (a
 C < F), K's filters are taken in the order that the interleave puts back into M's channel order,
 so downstream layers see M's channels where they expect them. L starts quiet (zero kernel, its BN or bias at the point where the
 activation is closest to zero while it still passes gradient), so the replacement's output is K's and training grows L from there.
+Where L has neither a bias nor a batch norm and its activation is flat at 0 (relu), a zero kernel
+would keep it at 0 for ever; it gets a random kernel just large enough to reach the activation's
+sloped part instead, so part of it is active.
 The cross-group connections M had are what no grouped structure can hold; their share is what
 `fidelity` measures.
 """
@@ -28,7 +31,7 @@ def quiet_point(activation, min_slope=0.01):
     L starts at this point so that its branch adds (almost) nothing at first but learns: at
     exactly 0 a relu has slope 0 and L would never leave it, so relu gets 1e-3 instead.
     """
-    candidates = np.array([0.0, 1e-3, -1.0, -2.0, -4.0, -6.0, -8.0, -10.0], dtype="float32")
+    candidates = np.array([0.0, 1e-3, 1e-2, 0.1, -1.0, -2.0, -4.0, -6.0, -8.0, -10.0, 1.0, 2.0], dtype="float32")
     h = np.float32(1e-4)
 
     def act(z):
@@ -80,11 +83,22 @@ def transfer_chain(chain, replacement):
     l_weights = [np.zeros_like(w) for w in replacement.l.get_weights()]
     if bn is None and conv.use_bias:
         l_weights[1][:] = offset
+    elif bn is None and offset != 0.0:  # nothing can shift L's pre-activation off the flat point 0
+        l_weights[0] = random_kernel(l_weights[0].shape, abs(offset), seed=chain.entry.filters)
     replacement.l.set_weights(l_weights)
     if bn is not None:
         filters = chain.entry.filters
         gamma, beta = np.ones(filters, "float32"), np.full(filters, offset, "float32")
         replacement.l_bn.set_weights([gamma, beta, np.zeros(filters, "float32"), np.ones(filters, "float32")])
+
+
+def random_kernel(shape, reach, seed):
+    """A normal kernel whose outputs, for inputs of unit scale, spread about twice `reach` (the
+    distance from 0 to where the activation has a slope): about half of L's units start active,
+    and its output stays as small as that allows (2e-3 for a relu)."""
+    fan_in = shape[-2]
+    std = 2.0 * reach / np.sqrt(fan_in)
+    return np.random.default_rng(seed).normal(0.0, std, shape).astype("float32")
 
 
 def _full_bn_weights(bn):

@@ -172,12 +172,20 @@ def test_dry_run_builds_nothing_and_predicts_the_built_model(b0_small):
     assert dry.total_params_after == new.count_params()
 
 
-def test_macs_of_the_plan_match_the_converted_model(b0_small):
-    from keffconvert.macs import model_macs
+def kernel_macs(model):
+    """MACs counted another way: every kernel value is used once per output pixel."""
+    total = 0
+    for layer in _all_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None:
+            total += int(np.prod(kernel.shape)) * int(np.prod(layer.output.shape[1:-1]))
+    return total
 
+
+def test_macs_of_the_plan_match_the_converted_model(b0_small):
     new, plan = keffconvert.convert(b0_small)
-    assert plan.macs_before == model_macs(b0_small)
-    assert plan.macs_after == model_macs(new)
+    assert plan.macs_before == kernel_macs(b0_small)
+    assert plan.macs_after == kernel_macs(new)
     assert plan.macs_after < plan.macs_before
 
 
@@ -332,3 +340,239 @@ def test_quiet_point_is_near_zero_and_keeps_a_gradient(name, expected):
     from keffconvert.weights import quiet_point
 
     assert quiet_point(keras.activations.get(name)) == pytest.approx(expected)
+
+
+# --- Trainability: the plan counts what the rewrite builds ----------------------------------
+
+
+def _freeze_batch_norms(model):
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def _freeze_pointwise_convs(model):
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.Conv2D) and layer.kernel_size == (1, 1):
+            layer.trainable = False
+
+
+def _freeze_every_other_layer(model):
+    for i, layer in enumerate(_all_layers(model)):
+        layer.trainable = bool(i % 2)
+
+
+def assert_plan_counts_the_built_model(model, new, plan):
+    assert plan.trainable_params_before == count(model.trainable_weights)
+    assert plan.trainable_params_after == count(new.trainable_weights)
+    assert plan.total_params_after == count(new.weights)
+
+
+def test_frozen_batch_norms_as_in_the_keras_fine_tuning_recipe():
+    """keras.io's EfficientNet fine-tuning freezes every BatchNormalization (the issue's case)."""
+    model = keras.applications.EfficientNetB0(weights=None, classes=10, input_shape=(32, 32, 3))
+    _freeze_batch_norms(model)
+    new, plan = keffconvert.convert(model)
+    assert_plan_counts_the_built_model(model, new, plan)
+    for layer in _all_layers(new):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable, f"{layer.name} came from a frozen batch norm"
+
+
+@pytest.mark.parametrize("freeze", [_freeze_batch_norms, _freeze_pointwise_convs, _freeze_every_other_layer])
+def test_copied_layers_keep_the_trainability_of_their_source(freeze):
+    model = small_cnn()
+    freeze(model)
+    new, plan = keffconvert.convert(model, channels_per_group=8)
+    assert_plan_counts_the_built_model(model, new, plan)
+    for layer in new.layers:
+        source = layer.name.removesuffix("_l")
+        for suffix in ("_k", "_interleave", "_sum"):
+            source = source.removesuffix(suffix)
+        if source in {l.name for l in model.layers} \
+                and not isinstance(layer, (InterleaveChannels, keras.layers.Add, keras.layers.InputLayer)):
+            assert layer.trainable == model.get_layer(source).trainable, layer.name
+
+
+def test_frozen_nested_base_stays_frozen():
+    base = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(32, 32, 3))
+    base.trainable = False
+    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(5)], name="transfer")
+    new, plan = keffconvert.convert(model)
+    assert_plan_counts_the_built_model(model, new, plan)
+    assert plan.trainable_params_after == plan.trainable_params_before == 1280 * 5 + 5
+    assert not new.get_layer("efficientnetb0").trainable
+
+
+# --- Nested subclassed models -----------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="keffconvert_tests")
+class ScaleBlock(keras.Model):
+    """A subclassed model with a weight, used nested inside a Functional model."""
+
+    def __init__(self, channels=32, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.scale = self.add_weight(shape=(channels,), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def _with_nested(block):
+    inp = keras.Input((8, 8, 32))
+    x = keras.layers.Conv2D(32, 1, name="before")(inp)
+    x = block(x)
+    x = keras.layers.Conv2D(32, 1, name="after")(x)
+    return keras.Model(inp, x, name="outer")
+
+
+def test_nested_subclassed_model_is_kept_as_it_is_with_the_reason():
+    block = ScaleBlock(name="scaler")
+    model = _with_nested(block)
+    block.scale.assign(np.linspace(0.5, 2.0, 32).astype("float32"))
+    new, plan = keffconvert.convert(model, channels_per_group=8)
+    assert [entry.name for entry in plan.converted] == ["before", "after"]
+    assert plan.kept_models == [{"name": "scaler", "type": "ScaleBlock", "reason": plan.kept_models[0]["reason"]}]
+    assert "subclassed" in plan.kept_models[0]["reason"]
+    kept = new.get_layer("scaler")
+    assert kept is not block and isinstance(kept, ScaleBlock)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(kept.scale), np.linspace(0.5, 2.0, 32).astype("float32"))
+    assert_plan_counts_the_built_model(model, new, plan)
+
+
+def test_nested_subclassed_model_that_cannot_be_copied_is_refused():
+    class Opaque(keras.Model):
+        def __init__(self, factor, **kwargs):  # a required argument get_config does not record
+            super().__init__(**kwargs)
+            self.factor = factor
+
+        def call(self, x):
+            return x * self.factor
+
+        def get_config(self):
+            return {"name": self.name}
+
+    model = _with_nested(Opaque(2.0, name="opaque"))
+    with pytest.raises(UnsupportedModelError, match="nested subclassed model 'opaque'"):
+        keffconvert.convert(model, channels_per_group=8)
+
+
+def test_cli_refuses_an_uncopyable_nested_subclassed_model_with_exit_4(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from keffconvert.cli import cli
+
+    path = tmp_path / "outer.keras"
+    _with_nested(ScaleBlock(name="scaler")).save(path)
+    monkeypatch.setattr(ScaleBlock, "from_config", classmethod(lambda cls, config: (_ for _ in ()).throw(
+        TypeError("cannot rebuild"))))
+    result = CliRunner().invoke(cli, [str(path), "-c", "8", "-o", str(tmp_path / "o.keras")])
+    assert result.exit_code in (3, 4), result.output  # loading rebuilds it too: then it is unreadable
+    assert "Traceback" not in result.output and "keffconvert: error:" in result.output
+
+
+# --- Activations and layer kinds --------------------------------------------------------------
+
+
+def _l_kernel_gradient(model, cpg=8):
+    import tensorflow as tf
+
+    new, plan = keffconvert.convert(model, channels_per_group=cpg)
+    l_layer = next(layer for layer in new.layers if layer.name.endswith("_l") and isinstance(layer, GroupedPointwiseConv2D))
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 4, 4, 16)).astype("float32"))
+    projection = tf.constant(np.random.default_rng(1).normal(size=new.outputs[0].shape[1:]).astype("float32"))
+    with tf.GradientTape() as tape:
+        y = new(x, training=True)
+        loss = tf.reduce_sum(y * projection)
+    return float(tf.norm(tape.gradient(loss, l_layer.kernel)))
+
+
+def _chain(activation, bias, bn, own_activation):
+    inp = keras.Input((4, 4, 16))
+    x = keras.layers.Conv2D(16, 1, use_bias=bias, activation=activation if own_activation else None, name="m")(inp)
+    if bn:
+        x = keras.layers.BatchNormalization(name="m_bn")(x)
+    if not own_activation:
+        x = activation(x) if isinstance(activation, keras.layers.Layer) else keras.layers.Activation(activation)(x)
+    return randomize(keras.Model(inp, x))
+
+
+ACCEPTED = sorted(__import__("keffconvert.layer_kinds", fromlist=["x"]).ELEMENTWISE_ACTIVATIONS - {"linear"})
+
+
+@pytest.mark.parametrize("activation", ACCEPTED)
+@pytest.mark.parametrize("bias,bn", [(False, False), (True, False), (False, True)])
+def test_l_passes_gradient_at_initialisation(activation, bias, bn):
+    """relu'(0) = 0: an L whose pre-activation starts at exactly 0 would never learn."""
+    model = _chain(activation, bias, bn, own_activation=not bn)
+    assert _l_kernel_gradient(model) > 1e-6
+
+
+@pytest.mark.parametrize("layer", [keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU])
+def test_l_passes_gradient_through_activation_layers(layer):
+    assert _l_kernel_gradient(_chain(layer(name="act"), bias=False, bn=True, own_activation=False)) > 1e-6
+
+
+def test_softmax_after_the_batch_norm_is_not_absorbed():
+    inp = keras.Input((4, 4, 32))
+    x = keras.layers.Conv2D(32, 1, name="m")(inp)
+    x = keras.layers.BatchNormalization(name="m_bn")(x)
+    out = keras.layers.Activation("softmax", name="probabilities")(x)
+    model = randomize(keras.Model(inp, out))
+    new, plan = keffconvert.convert(model, channels_per_group=8)
+    entry = plan.converted[0]
+    assert entry.batch_norm == "m_bn" and entry.activation_layer is None
+    assert new.get_layer("probabilities").input.name == new.get_layer("m_sum").output.name
+    y = new.predict(np.random.default_rng(2).normal(size=(2, 4, 4, 32)).astype("float32"), verbose=0)
+    np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)  # one softmax over the summed channels
+
+
+def test_conv_with_a_channel_mixing_activation_is_not_converted():
+    inp = keras.Input((4, 4, 32))
+    model = keras.Model(inp, keras.layers.Conv2D(32, 1, activation="softmax", name="m")(inp))
+    _, plan = keffconvert.convert(model, channels_per_group=8, dry_run=True)
+    assert not plan.converted and "'softmax' is not element-wise" in plan.layers[0].reason
+
+
+def test_subclasses_of_conv2d_and_batch_norm_are_left_alone():
+    class ScaledConv(keras.layers.Conv2D):
+        def call(self, x):
+            return 2.0 * super().call(x)
+
+    class OtherNorm(keras.layers.BatchNormalization):
+        pass
+
+    inp = keras.Input((4, 4, 32))
+    a = ScaledConv(32, 1, name="scaled")(inp)
+    b = OtherNorm(name="other_norm")(keras.layers.Conv2D(32, 1, name="plain")(inp))
+    model = keras.Model(inp, keras.layers.Add()([a, b]))
+    _, plan = keffconvert.convert(model, channels_per_group=8, dry_run=True)
+    by_name = {entry.name: entry for entry in plan.layers}
+    assert not by_name["scaled"].converted and "subclass of Conv2D" in by_name["scaled"].reason
+    assert by_name["plain"].converted and by_name["plain"].batch_norm is None
+
+
+def test_regularizers_and_constraints_are_carried_and_the_rest_is_named():
+    inp = keras.Input((4, 4, 32))
+    x = keras.layers.Conv2D(32, 1, name="m", kernel_regularizer=keras.regularizers.L2(1e-3),
+                            bias_regularizer=keras.regularizers.L1(1e-4),
+                            kernel_constraint=keras.constraints.MaxNorm(2.0),
+                            bias_constraint=keras.constraints.NonNeg(),
+                            activity_regularizer=keras.regularizers.L1(1e-5))(inp)
+    x = keras.layers.BatchNormalization(name="m_bn", gamma_constraint=keras.constraints.NonNeg())(x)
+    new, plan = keffconvert.convert(keras.Model(inp, x), channels_per_group=8)
+    for name in ("m_k", "m_l"):
+        layer = new.get_layer(name)
+        assert isinstance(layer.kernel_regularizer, keras.regularizers.L2)
+        assert isinstance(layer.bias_regularizer, keras.regularizers.L1)
+        assert isinstance(layer.kernel.constraint, keras.constraints.MaxNorm)
+        assert isinstance(layer.bias.constraint, keras.constraints.NonNeg)
+    for name in ("m_bn", "m_bn_l"):
+        assert isinstance(new.get_layer(name).gamma.constraint, keras.constraints.NonNeg)
+    assert plan.converted[0].dropped_settings == ["activity_regularizer"]
