@@ -18,9 +18,17 @@ def plan_rows(plan, skipped=True):
             str(e.interleave_step) if e.interleave_step else "-",
             "yes" if e.second_conv else "-",
             f"{e.trainable_before:,}", f"{e.trainable_after:,}",
-            "converted" if e.converted else e.reason,
+            _note(e),
         ])
     return rows
+
+
+def _note(entry):
+    if not entry.converted:
+        return entry.reason
+    if entry.dropped_settings:
+        return f"converted; not carried: {', '.join(entry.dropped_settings)}"
+    return "converted"
 
 
 def totals_lines(plan):
@@ -31,6 +39,7 @@ def totals_lines(plan):
         f"({-plan.reduction_pct:+.2f}%)",
         f"all parameters:       {plan.total_params_before:,} -> {plan.total_params_after:,}",
     ]
+    lines += [f"kept as it is: {kept['name']} ({kept['type']}): {kept['reason']}" for kept in plan.kept_models]
     if plan.macs_before is not None:
         lines.append(f"multiply-accumulates: {plan.macs_before:,} -> {plan.macs_after:,} "
                      f"({-plan.macs_reduction_pct:+.2f}%) per image at input {plan.input_shape}")

@@ -576,3 +576,14 @@ def test_regularizers_and_constraints_are_carried_and_the_rest_is_named():
     for name in ("m_bn", "m_bn_l"):
         assert isinstance(new.get_layer(name).gamma.constraint, keras.constraints.NonNeg)
     assert plan.converted[0].dropped_settings == ["activity_regularizer"]
+
+
+def test_printed_plan_names_kept_models_and_dropped_settings():
+    from keffconvert.display import plan_rows, totals_lines
+
+    inp = keras.Input((8, 8, 32))
+    x = keras.layers.Conv2D(32, 1, name="m", activity_regularizer=keras.regularizers.L1(1e-5))(inp)
+    model = _with_nested(ScaleBlock(name="scaler"))
+    _, plan = keffconvert.convert(keras.Model(inp, model(x)), channels_per_group=8, dry_run=True)
+    assert any("scaler (ScaleBlock): subclassed model" in line for line in totals_lines(plan))
+    assert ["m", "converted; not carried: activity_regularizer"] == [plan_rows(plan)[0][0], plan_rows(plan)[0][-1]]
