@@ -7,8 +7,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-LEGACY = SHARED / "fixtures" / "legacy"
+# Legacy tf.keras 2.x files written by old TensorFlow releases; committed in the repository so a
+# lone clone has them (see tests/fixtures/legacy/README.md).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LEGACY = FIXTURES / "legacy"
 
 
 def count(weights):

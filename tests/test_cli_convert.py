@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -86,16 +87,30 @@ def test_missing_output_folder_is_refused(model_file, tmp_path):
     assert "does not exist" in line
 
 
-@pytest.mark.parametrize("make,code,words", [
-    (lambda d: d / "missing.h5", 3, "no such file"),
-    (lambda d: d, 3, "directory"),
-    (lambda d: (d / "notes.h5").write_text("hello") or d / "notes.h5", 3, ""),
-    (lambda d: (zipfile.ZipFile(d / "x.keras", "w").writestr("a.txt", "x"), d / "x.keras")[1], 3, ""),
-    (lambda d: "efficientnetb9", 3, "efficientnetb0"),
-])
-def test_unreadable_inputs_get_one_line_and_code_3(tmp_path, make, code, words):
-    line = one_error_line(run(make(tmp_path)), code)
-    assert words.lower() in line.lower()
+def _text_file_named_h5(d):
+    (d / "notes.h5").write_text("hello")
+    return d / "notes.h5"
+
+
+def _zip_without_config(d):
+    with zipfile.ZipFile(d / "x.keras", "w") as archive:
+        archive.writestr("a.txt", "x")
+    return d / "x.keras"
+
+
+@pytest.mark.parametrize("make,reasons", [
+    (lambda d: d / "missing.h5", ["no such file"]),
+    (lambda d: d, ["directory"]),
+    (_text_file_named_h5, ["not an hdf5 file"]),
+    (_zip_without_config, ["not a keras .keras file", "config.json"]),
+    (lambda d: "efficientnetb9", ["not a built-in model name", "efficientnetb0", "resnet50"]),
+], ids=["missing", "directory", "text-as-h5", "zip-without-config", "unknown-builtin"])
+def test_unreadable_inputs_get_one_line_and_code_3(tmp_path, make, reasons):
+    target = str(make(tmp_path))
+    line = one_error_line(run(target), 3)
+    assert f"keffconvert: error: {target}: " in line, "the line names the input, then says why"
+    for reason in reasons:
+        assert reason in line.lower(), (reason, line)
 
 
 def test_channels_per_group_below_one_is_a_usage_error(model_file):
@@ -134,19 +149,40 @@ def test_builtin_name_converts_to_the_papers_number(tmp_path):
     assert "4,020,358 -> 639,702" in result.output
 
 
+FIDELITY_LINE = re.compile(r"before training, on (\d+) images: top-1 agreement with the original "
+                           r"(\d+\.\d)%, output correlation (-?\d\.\d{3})")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", sorted(LEGACY.glob("*.h5")), ids=lambda p: p.name)
 def test_legacy_files_convert_and_load_with_plain_keras(tmp_path, fixture):
     out = tmp_path / f"{fixture.stem}_keff.keras"
+    reference = np.load(fixture.with_suffix(".npz"))  # x, and y: what the saving TensorFlow predicted
     before = digest(fixture)
     result = run(fixture, "-o", out, "--fidelity-data", fixture.with_suffix(".npz"))
     assert result.exit_code == 0, result.output
     assert digest(fixture) == before
+    predictions = tmp_path / "converted_predictions.npy"
     check = subprocess.run(
         [sys.executable, "-c",
          "import sys, numpy as np, keras, keffconvert; m = keras.models.load_model(sys.argv[1]); "
-         "x = np.load(sys.argv[2])['x']; print(m.predict(x, verbose=0).shape)", str(out), str(fixture.with_suffix(".npz"))],
+         "np.save(sys.argv[3], m.predict(np.load(sys.argv[2])['x'], verbose=0))",
+         str(out), str(fixture.with_suffix(".npz")), str(predictions)],
         capture_output=True, text=True)
     assert check.returncode == 0, check.stderr[-2000:]
-    reference = np.load(fixture.with_suffix(".npz"))["y"]
-    assert check.stdout.strip().endswith(str(reference.shape))
+    converted = np.load(predictions)
+    assert converted.shape == reference["y"].shape
+
+    # The printed fidelity must be the written model measured against the original, computed here
+    # independently from the old TensorFlow's own predictions: a measure of the wrong pair (the
+    # converted model against itself gives 100% and 1.000), of other images, or none at all fails.
+    match = FIDELITY_LINE.search(result.output)
+    assert match, result.output
+    samples, agree, corr = int(match[1]), float(match[2]) / 100, float(match[3])
+    assert samples == len(reference["x"])
+    assert 0.0 <= agree <= 1.0 and -1.0 <= corr <= 1.0
+    expected_agree = np.mean(reference["y"].argmax(1) == converted.argmax(1))
+    assert abs(agree - expected_agree) <= 0.0005 + 1e-9, (agree, expected_agree)
+    expected_corr = np.corrcoef(reference["y"].ravel().astype("float64"),
+                                converted.ravel().astype("float64"))[0, 1]
+    assert abs(corr - expected_corr) <= 0.0005 + 1e-6, (corr, expected_corr)

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from conftest import count
 
 import keffconvert
+from keffconvert.data import stratified_split
+from keffconvert.train import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -52,7 +55,21 @@ def test_finetune_image_folder():
     out = run_example([EXAMPLES / "finetune_image_folder.py"])
     assert re.search(r"^image folder: 3 classes .*, 48 PNG files$", out, re.M), out
     assert re.search(r"^converted [1-9] pointwise convs: trainable parameters [\d,]+ -> [\d,]+", out, re.M), out
-    assert re.search(r"^fine-tuned 1 epoch: kEffNet-.*, test accuracy [01]\.\d\d, test loss \d+\.\d+$", out, re.M), out
+    result = re.search(r"^fine-tuned 1 epoch: kEffNet-.*, test accuracy (\d\.\d\d), test loss (\d+\.\d+)$", out, re.M)
+    assert result, out
+    # A real evaluation on the held-out images: the accuracy is k/N for the N test images the
+    # recipe's split holds out of the folder (3 classes of 16, nothing else), shown to 2 decimals.
+    accuracy, loss = float(result.group(1)), float(result.group(2))
+    recipe = Recipe()
+    labels = np.repeat(np.arange(3), 16)
+    n_test = len(stratified_split(labels, recipe.test_split, recipe.seed)[1])
+    assert 2 <= n_test <= 20, n_test  # 9 today; few enough that "a multiple of 1/N" constrains
+    shown = {round(k / n_test, 2): k for k in range(n_test + 1)}
+    assert accuracy in shown, (accuracy, n_test, out)
+    # and the loss is the same evaluation's cross-entropy: each of the N - k misclassified images
+    # gives its true class p <= 1/2, so a mean of at least (N - k) / N * ln 2 (loss shown to 3 dp)
+    wrong = n_test - shown[accuracy]
+    assert np.log(2) * wrong / n_test - 0.0005 <= loss < 50, (accuracy, loss, out)
     assert re.search(r"^run folder: .*report\.json", out, re.M), out
 
 

@@ -15,7 +15,7 @@ from keffconvert.errors import InputError, UnsupportedModelError
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
 from keffconvert.loading import BUILTIN_MODELS, load_model, translate_legacy_config
 
-LEGACY_DIR = Path(__file__).parents[2] / "shared/fixtures/legacy"
+LEGACY_DIR = Path(__file__).resolve().parent / "fixtures" / "legacy"
 LEGACY_FILES = sorted(LEGACY_DIR.glob("*.h5"))
 TINY_LEGACY = LEGACY_DIR / "tiny_effnet_tf2151.h5"
 
@@ -132,7 +132,13 @@ def test_legacy_fixture_predicts_reference(path):
 
 
 def test_legacy_fixtures_exist():
-    assert len(LEGACY_FILES) >= 3, f"no legacy fixtures found in {LEGACY_DIR}"
+    """The committed fixtures, in the repository (a lone clone has them), each with its reference."""
+    names = {p.name for p in LEGACY_FILES}
+    assert {"tiny_effnet_tf2121.h5", "tiny_effnet_tf2151.h5", "b0_transfer_tf2151.h5"} <= names, \
+        f"legacy fixtures missing in {LEGACY_DIR}"
+    assert LEGACY_DIR.resolve().is_relative_to(Path(__file__).resolve().parent)
+    for path in LEGACY_FILES:
+        assert path.with_suffix(".npz").is_file(), path
 
 
 def test_translation_records_dropped_and_renamed_keys():
