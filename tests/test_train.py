@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,15 +127,35 @@ def test_distillation_loss_is_temperature_scaled_kl():
     assert mixed == pytest.approx(0.75 * expected_ce + 0.25 * expected, rel=1e-3)
 
 
-def test_finetune_with_distillation_under_mirrored_strategy(tmp_path):
+def test_finetune_with_distillation_under_mirrored_strategy(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    fits, real_fit = [], keras.Model.fit
+
+    def spy(self, *args, **kwargs):  # what the model is trained under, seen from inside fit
+        fits.append((type(self), self.distribute_strategy, self.student.trainable_variables[0].value))
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
     model = tiny_model()
     recipe = Recipe(epochs=1, distill_weight=0.5, strategy="mirrored")
     report = train(model, "digits", mode="finetune", out=tmp_path / "ft", recipe=recipe)
     original, converted = report["models"]
     assert not original["trained"] and original["test_accuracy"] is None
-    assert converted["distilled"] and report["environment"]["strategy"] == "mirrored"
-    assert "distillation" in report["mode_description"]
-    assert 0.0 <= converted["test_accuracy"] <= 1.0 and converted["epochs"] == 1
+    assert converted["distilled"] and "distillation" in report["mode_description"]
+    assert [kind for kind, _, _ in fits] == [Distiller]  # one fit, of the distiller
+    _, strategy, variable = fits[0]
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert isinstance(variable, tf.distribute.DistributedValues)  # weights created as mirrored variables
+    environment = report["environment"]
+    assert environment["strategy"] == "mirrored"
+    assert environment["replicas"] == strategy.num_replicas_in_sync >= 1
+    # The reported accuracy is a real evaluation: the saved best student on the test split.
+    data = load_dataset("digits", (16, 16), 3, val_split=0.1, test_split=0.2, seed=0)
+    best = keras.models.load_model(tmp_path / "ft" / converted["checkpoint"], compile=False)
+    predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
+    assert converted["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
+    assert converted["epochs"] == 1 and [e["epoch"] for e in converted["history"]] == [1]
     assert "not trained" in (tmp_path / "ft" / "report.md").read_text()
 
 
@@ -165,6 +186,119 @@ def test_option_conflicts_are_usage_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Killed and interrupted runs resume
 
+# Runs `keffconvert train` with probes: every epoch started (with the optimizer's step count), the
+# history and best state each model starts from, each best checkpoint saved (its hash), and
+# optionally a SIGKILL at a named point of an epoch's end: KEFF_TEST_KILL=point@epoch (1-based),
+# point one of history-written, best-written (a save forced that epoch), or the checkpoint's
+# own steps weights-saved, staged (complete, before the commit), committed (before older
+# backups are dropped).
+DRIVER = r"""
+import hashlib, json, os, signal, sys
+import keffconvert.train as t
+
+LOG = os.environ["KEFF_TEST_LOG"]
+POINT, _, EPOCH = os.environ.get("KEFF_TEST_KILL", "").partition("@")
+EPOCH = int(EPOCH or 0)
+
+
+def record(**event):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), **event}) + "\n")
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def kill(point, epoch):
+    if (point, epoch) == (POINT, EPOCH):
+        record(event="killed", point=point, epoch=epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap(cls, name, before=None, after=None):
+    real = getattr(cls, name)
+
+    def method(self, *args, **kwargs):
+        if before:
+            before(self, *args)
+        result = real(self, *args, **kwargs)
+        if after:
+            after(self, *args)
+        return result
+
+    setattr(cls, name, method)
+
+
+def epoch_begins(self, epoch, logs=None):
+    record(event="epoch", model=self.path.parent.name, epoch=epoch + 1,
+           steps_done=int(self.model.optimizer.iterations.numpy()))
+
+
+def best_begins(self, epoch, logs=None):
+    if (POINT, EPOCH) == ("best-written", epoch + 1):
+        self.state = None  # force a save, so the kill lands between a new best and the backup
+
+
+def best_ends(self, epoch, logs=None):
+    if self.improved:
+        record(event="best-saved", model=self.path.parent.name, epoch=epoch + 1, hash=digest(self.path))
+    kill("best-written", epoch + 1)
+
+
+wrap(t.EpochLog, "__init__", after=lambda self, path: record(
+    event="history-loaded", model=self.path.parent.name, epochs=sorted(e + 1 for e in self.epochs)))
+wrap(t.EpochLog, "on_epoch_begin", before=epoch_begins)
+wrap(t.EpochLog, "on_epoch_end", after=lambda self, epoch, logs=None: kill("history-written", epoch + 1))
+wrap(t.BestCheckpoint, "__init__", after=lambda self, target, folder: record(
+    event="best-loaded", model=self.path.parent.name, state=self.state, hash=digest(self.path)))
+wrap(t.BestCheckpoint, "on_epoch_end", before=best_begins, after=best_ends)
+t.AtomicBackupAndRestore._reached = lambda self, point: kill(point, self._current_epoch)
+
+from keffconvert.cli import main
+
+main()
+"""
+
+
+class Runs:
+    """Start the driver on one run folder; read back what each process recorded."""
+
+    def __init__(self, tmp_path, args):
+        self.driver, self.log = tmp_path / "driver.py", tmp_path / "events.jsonl"
+        self.driver.write_text(DRIVER)
+        self.command = [sys.executable, str(self.driver), "train", *args]
+
+    def env(self, kill=None):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KEFF_TEST_LOG": str(self.log)}
+        env.pop("KEFF_TEST_KILL", None)
+        if kill:
+            env["KEFF_TEST_KILL"] = "{}@{}".format(*kill)
+        return env
+
+    def start(self, kill=None):
+        return subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(kill))
+
+    def run(self, kill=None):
+        process = self.start(kill)
+        output = process.communicate(timeout=300)[0].decode(errors="replace")
+        return process.returncode, output, process.pid
+
+    def events(self, pid=None, event=None, model="converted"):
+        rows = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        return [r for r in rows if (pid is None or r["pid"] == pid) and (event is None or r["event"] == event)
+                and r.get("model", model) == model]
+
+    def epochs_run(self, pid, model="converted"):
+        return [r["epoch"] for r in self.events(pid, "epoch", model)]
+
+
+def committed_epochs(folder):
+    """The epochs of the complete backups in a model folder (what a resume would restore)."""
+    backup = folder / "backup"
+    return sorted(int(p.name[6:]) for p in backup.glob("epoch-*") if p.is_dir() and p.name[6:].isdigit()) \
+        if backup.is_dir() else []
+
 
 def _wait_for(predicate, process, timeout=180):
     deadline = time.time() + timeout
@@ -186,50 +320,174 @@ def _epochs_logged(path):
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_and_ctrl_c_resume_to_exactly_the_requested_epochs(tmp_path):
     model_path = tmp_path / "tiny.keras"
     tiny_model(size=32).save(model_path)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "keffconvert.cli", "train", str(model_path), "--data", "digits",
-               "--epochs", "5", "--with-original", "--out", str(out)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-    def start():
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    runs = Runs(tmp_path, [str(model_path), "--data", "digits", "--epochs", "5", "--with-original", "--out", str(out)])
 
     # 1. SIGKILL as soon as the converted model's first epoch is backed up: mid-epoch 2.
-    first = start()
-    backup = out / "converted" / "backup" / "training_metadata.json"
-    _wait_for(backup.exists, first)
+    first = runs.start()
+    _wait_for(lambda: committed_epochs(out / "converted"), first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert first.returncode == -signal.SIGKILL
     assert not (out / "report.json").exists() and not (out / "converted" / "result.json").exists()
+    done = committed_epochs(out / "converted")[-1]
+    assert runs.epochs_run(first.pid, "original") == [1, 2, 3, 4, 5]
     original_done = (out / "original" / "result.json").stat().st_mtime_ns
     other = CliRunner().invoke(cli, ["train", str(model_path), "--data", "digits", "--epochs", "6",
                                      "--with-original", "--out", str(out)])
     assert other.exit_code == 5 and "unfinished run with other settings (recipe)" in other.stderr
 
-    # 2. The same command resumes (the finished original is not retrained); Ctrl-C stops it cleanly.
-    second = start()
+    # 2. The same command resumes after the backed-up epoch, training neither the finished
+    # original nor a finished epoch again; Ctrl-C stops it cleanly.
+    second = runs.start()
     history = out / "converted" / "history.json"
     _wait_for(lambda: _epochs_logged(history) >= 3, second)
     second.send_signal(signal.SIGINT)
     output = second.communicate(timeout=60)[0].decode(errors="replace")
     assert second.returncode == 130, output
-    assert "interrupted" in output and "resuming after epoch" in output and "not retraining" in output
+    assert "interrupted" in output and f"resuming after epoch {done} of 5" in output and "not retraining" in output
     assert not (out / "report.json").exists()
+    ran = runs.epochs_run(second.pid)
+    assert ran[0] == done + 1 and ran == list(range(done + 1, done + 1 + len(ran)))
+    assert runs.epochs_run(second.pid, "original") == []
+    done = committed_epochs(out / "converted")[-1]
 
-    # 3. The same command again finishes with exactly the requested epochs.
-    third = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=300)
-    output = third.stdout.decode(errors="replace")
-    assert third.returncode == 0, output
-    assert "resuming after epoch" in output
+    # 3. The same command again runs only the remaining epochs and ends with exactly five.
+    rc, output, pid = runs.run()
+    assert rc == 0, output
+    assert f"resuming after epoch {done} of 5" in output
+    assert runs.epochs_run(pid) == list(range(done + 1, 6)) and runs.epochs_run(pid, "original") == []
     report = json.loads((out / "report.json").read_text())
     for entry in report["models"]:
         assert entry["epochs"] == 5 and [e["epoch"] for e in entry["history"]] == [1, 2, 3, 4, 5]
     assert (out / "original" / "result.json").stat().st_mtime_ns == original_done
     assert not (out / "converted" / "backup").exists()
+
+
+# (point, epoch) of each kill, in order, on one run of 7 epochs; each resume is checked. (A kill
+# before the first commit is checked by the next test: the stale run files go.)
+KILLS = [("history-written", 2), ("best-written", 3), ("weights-saved", 4), ("staged", 5), ("committed", 6)]
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_step_of_a_checkpoint_resumes_from_one_whole_epoch(tmp_path):
+    import math
+
+    model_path = tmp_path / "tiny.keras"
+    tiny_model().save(model_path)
+    out, folder, epochs = tmp_path / "run", tmp_path / "run" / "converted", 7
+    runs = Runs(tmp_path, [str(model_path), "--data", "digits", "--epochs", str(epochs), "--out", str(out)])
+    steps = math.ceil(len(load_dataset("digits", (16, 16), 3, val_split=0.1, test_split=0.2).y_train) / 64)
+    done, pids = 0, []  # epochs committed before each process
+    for point, epoch in [*KILLS, (None, None)]:
+        rc, output, pid = runs.run((point, epoch) if point else None)
+        pids.append((pid, done))
+        # It starts from the last committed epoch, with that epoch's history, best checkpoint and
+        # optimizer state (steps done), and trains every later epoch, none before.
+        assert (f"resuming after epoch {done} of {epochs}" if done else f"training {epochs} epochs") in output, output
+        loaded = runs.events(pid, "history-loaded")[0]["epochs"]
+        assert loaded == list(range(1, done + 1))
+        best = runs.events(pid, "best-loaded")[0]
+        if done == 0:
+            assert best["state"] is None and best["hash"] is None
+        else:
+            assert best["state"]["epoch"] <= done
+            saved = [e["hash"] for e in runs.events(event="best-saved") if e["epoch"] == best["state"]["epoch"]
+                     and e["pid"] in [p for p, _ in pids[:-1]]]
+            assert best["hash"] == saved[-1]  # the committed epoch's file, not a later epoch's
+        started = runs.events(pid, "epoch")
+        assert [e["epoch"] for e in started] == list(range(done + 1, (epoch or epochs) + 1))
+        assert [e["steps_done"] for e in started] == [steps * (e["epoch"] - 1) for e in started]
+        if point is None:
+            assert rc == 0, output
+            break
+        assert rc == -signal.SIGKILL, output
+        assert runs.events(pid, "killed") == [{"pid": pid, "event": "killed", "point": point, "epoch": epoch}]
+        done = epoch if point == "committed" else epoch - 1
+        assert committed_epochs(folder)[-1:] == ([done] if done else [])
+        if point in ("history-written", "best-written"):  # the files are ahead of the backup
+            assert _epochs_logged(folder / "history.json") == epoch
+        if point == "best-written":
+            assert json.loads((folder / "best.json").read_text())["epoch"] == epoch
+
+    report = json.loads((out / "report.json").read_text())
+    (result,) = [m for m in report["models"] if m["trained"]]
+    history = result["history"]
+    assert result["epochs"] == epochs and [e["epoch"] for e in history] == list(range(1, epochs + 1))
+    assert [e["learning_rate"] for e in history] == pytest.approx([0.003 * 0.99 ** e for e in range(epochs)])
+    # Each best state loaded on a resume agrees with the final history of the epochs before it,
+    # and the final best checkpoint with the whole history.
+    for pid, before in pids[1:]:
+        state = runs.events(pid, "best-loaded")[0]["state"]
+        if before:
+            assert state["val_accuracy"] == max(e["val_accuracy"] for e in history[:before])
+            assert (state["val_accuracy"], state["val_loss"]) == \
+                (history[state["epoch"] - 1]["val_accuracy"], history[state["epoch"] - 1]["val_loss"])
+    assert result["best_val_accuracy"] == max(e["val_accuracy"] for e in history)
+    assert history[result["best_epoch"] - 1]["val_accuracy"] == result["best_val_accuracy"]
+    data = load_dataset("digits", (16, 16), 3, val_split=0.1, test_split=0.2, seed=0)
+    best = keras.models.load_model(out / result["checkpoint"], compile=False)
+    predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
+    assert result["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
+    assert not (folder / "backup").exists()
+
+
+def test_the_backup_restores_one_whole_epoch_and_falls_back_when_the_newest_is_unreadable(tmp_path):
+    from keffconvert.errors import KeffError
+    from keffconvert.outputs import write_text
+    from keffconvert.train import AtomicBackupAndRestore
+
+    x = np.random.default_rng(0).random((32, 4)).astype("float32")
+    y = (x.sum(axis=1) > 2).astype("int32")
+    note = tmp_path / "note.txt"
+
+    def build():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        return model
+
+    class Snapshot(keras.callbacks.Callback):  # the weights after each epoch, and a run file per epoch
+        weights = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights[epoch + 1] = self.model.get_weights()
+            write_text(note, f"epoch {epoch + 1}", force=True)
+
+    def backup(double=True):
+        return AtomicBackupAndRestore(str(tmp_path / "backup"), files=[note], double_checkpoint=double,
+                                      delete_checkpoint=False)
+
+    build().fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[Snapshot(), backup()])
+    assert committed_epochs(tmp_path) == [2, 3]  # the newest and, with double_checkpoint, the one before
+
+    # A kill while staging epoch 4 leaves a partial folder and a run file ahead of the backup.
+    (tmp_path / "backup" / "epoch-0004.partial").mkdir()
+    note.write_text("epoch 4")  # in place: the backup holds its own copy
+    model = build()
+    assert backup().restore(model) == 3 and model._initial_epoch == 3
+    assert note.read_text() == "epoch 3"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), Snapshot.weights[3]))
+    assert int(model.optimizer.iterations.numpy()) == 3 * 4  # the optimizer state of the same epoch
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["epoch-0002", "epoch-0003"]
+
+    # An unreadable newest epoch: the previous one is restored whole; without it, a clear error.
+    (tmp_path / "backup" / "epoch-0003" / "latest.weights.h5").write_bytes(b"not hdf5")
+    model = build()
+    assert backup().restore(model) == 2 and note.read_text() == "epoch 2"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), Snapshot.weights[2]))
+    assert int(model.optimizer.iterations.numpy()) == 2 * 4
+    assert committed_epochs(tmp_path) == [2]
+    (tmp_path / "backup" / "epoch-0002" / "latest.weights.h5").write_bytes(b"not hdf5")
+    with pytest.raises(KeffError, match="cannot be restored"):
+        backup().restore(build())
+
+    # No complete epoch: the run files belong to an epoch that never committed and go.
+    shutil.rmtree(tmp_path / "backup")
+    assert backup().restore(build()) == 0 and not note.exists()
 
 
 @pytest.mark.slow
@@ -243,4 +501,9 @@ def test_efficientnet_b0_trains_and_reports_the_papers_parameter_count(tmp_path)
     original, converted = report["models"]
     assert original["trainable_params"] == 4_020_358
     assert converted["trainable_params"] == 639_702 and round(converted["reduction_pct"], 2) == 84.09
-    assert converted["epochs"] == 1 and 0.0 <= converted["test_accuracy"] <= 1.0
+    assert converted["epochs"] == 1
+    data = load_dataset(str(tmp_path / "small.npz"), (32, 32), 3, val_split=0.1, test_split=0.2, seed=0)
+    assert len(data.y_test) == 64
+    best = keras.models.load_model(tmp_path / "b0" / converted["checkpoint"], compile=False)
+    predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
+    assert converted["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
