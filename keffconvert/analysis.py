@@ -53,6 +53,7 @@ class Analysis:
     """The plan plus, for each converted conv, its chain; keyed by layer identity."""
 
     plan: Plan
+    model: keras.Model | None = None  # the model analysed
     chains: dict = field(default_factory=dict)  # id(conv) -> Chain (converted ones only)
     absorbed: set = field(default_factory=set)  # id(bn or act) folded into a converted chain
 
@@ -77,7 +78,7 @@ def analyze(model, channels_per_group=16, include=None, exclude=None):
             "rebuild it as a Functional or Sequential model"
         )
     analysis = Analysis(plan=Plan(model_name=model.name, channels_per_group=channels_per_group,
-                                  input_shape=_input_shape(model)))
+                                  input_shape=_input_shape(model)), model=model)
     walker = _Walker(analysis, channels_per_group, include or [], exclude or [])
     walker.walk(model, prefix="", trainable=model.trainable)
     plan = analysis.plan

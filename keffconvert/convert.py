@@ -6,7 +6,7 @@ from keffconvert.weights import copy_kept, transfer_chain
 
 
 def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run=False,
-            transfer_weights=True):
+            transfer_weights=True, calibration=None, calibration_rounds=3, progress=None):
     """Turn every eligible pointwise conv of `model` into the kEffNet sub-architecture.
 
     Args:
@@ -18,6 +18,11 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
         dry_run: return `(None, plan)` without building anything.
         transfer_weights: start the new model from `model`'s weights (block-diagonal slices for
             the new grouped convs); `False` leaves every layer freshly initialised.
+        calibration: images (as the model takes them) to fit every replacement on, so the
+            converted model reproduces the original's outputs (`keffconvert.calibrate`); each
+            layer's reconstruction error goes into the plan. None: the block-diagonal slices.
+        calibration_rounds: K/L alternations of the fit for linear chains with an L.
+        progress: called with (layer name, relative error) after each fitted layer.
 
     Returns:
         `(new_model, plan)`. The input model is not modified.
@@ -31,10 +36,28 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
     analysis = analyze(model, channels_per_group, include=include, exclude=exclude)
     if dry_run:
         return None, analysis.plan
+    if calibration is not None and not transfer_weights:
+        raise ValueError("calibration fits the converted model to the original's weights; "
+                         "it needs transfer_weights=True")
     rewriter = Rewriter(analysis)
     new_model = rewriter.rewrite(model)
     if transfer_weights:
         copy_kept(rewriter.cloned)
         for chain, replacement in rewriter.replacements:
             transfer_chain(chain, replacement)
+    if calibration is not None:
+        _fit(analysis, rewriter.replacements, calibration, calibration_rounds, progress)
     return new_model, analysis.plan
+
+
+def _fit(analysis, replacements, images, rounds, progress):
+    from keffconvert.calibrate import calibrate
+
+    result = calibrate(analysis, {id(chain.conv): r for chain, r in replacements}, images, rounds=rounds,
+                       progress=progress)
+    for entry in analysis.plan.converted:
+        errors = result["layers"].get(entry.name)
+        if errors is not None:
+            entry.reconstruction_error = errors["relative_error"]
+            entry.slices_error = errors["slices_error"]
+    analysis.plan.calibration = {"samples": result["samples"], "time_s": result["time_s"]}

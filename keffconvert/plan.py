@@ -29,6 +29,8 @@ class LayerPlan:
     macs_before: int | None = None
     macs_after: int | None = None
     dropped_settings: list = field(default_factory=list)  # settings of M no new layer carries
+    reconstruction_error: float | None = None  # data-aware fit: relative error of the fitted replacement
+    slices_error: float | None = None  # the same for the plain block-diagonal slices
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Plan:
     macs_after: int | None = None
     fidelity: dict | None = None
     kept_models: list = field(default_factory=list)  # nested models left as they are, with the reason
+    calibration: dict | None = None  # data-aware fit: samples, time
 
     @property
     def converted(self):

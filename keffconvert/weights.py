@@ -75,7 +75,7 @@ def transfer_chain(chain, replacement):
     k_weights = [block_diagonal(m_weights[0], groups)] + m_weights[1:]
     replacement.k.set_weights(k_weights)
     if bn is not None:
-        replacement.k_bn.set_weights([w[order] for w in _full_bn_weights(bn)])
+        replacement.k_bn.set_weights([w[order] for w in full_bn_weights(bn)])
     if replacement.l is None:
         return
     activation = replacement.l_act if replacement.l_act is not None else conv.activation
@@ -101,7 +101,7 @@ def random_kernel(shape, reach, seed):
     return np.random.default_rng(seed).normal(0.0, std, shape).astype("float32")
 
 
-def _full_bn_weights(bn):
+def full_bn_weights(bn):
     """B's weights in B' order (gamma, beta, mean, variance), filling a missing gamma or beta."""
     weights = list(bn.get_weights())
     filters = weights[-1].shape[0]

@@ -1,0 +1,140 @@
+"""Data-aware conversion: fit every replacement so the converted model keeps what the original learned.
+
+The original's graph is walked once, layer by layer, over the calibration images, carrying two
+sets of values side by side: what the original computes and what the converted model computes
+(kept layers have the same weights in both, so the original's layer object serves both). At each
+replaced chain, in topological order, the statistics of its input in the converted network and
+in the original are accumulated, the replacement is fitted (`keffconvert.fit`), and its output
+with the fitted weights is what the converted network carries on. So the whole fit costs about
+two forward passes of the calibration set, plus a small least-squares problem per chain. Values
+are dropped as soon as their last consumer has run.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from keffconvert.fit import ChainFit, ChainStats, folded_map, layer_weights
+from keffconvert.graph import Graph, functional_view, is_graph_model
+from keffconvert.weights import output_order
+
+DEFAULT_SAMPLES = 512
+
+
+def calibrate(analysis, replacements, images, *, batch_size=64, rounds=3, progress=None):
+    """Fit each replacement in `replacements` ({id(conv): Replacement}) on `images`.
+
+    Args:
+        analysis: the `Analysis` of the original model (its chains are the ones replaced).
+        replacements: the built replacement layers, already holding the transferred weights.
+        images: calibration inputs, as the model takes them (float32, already scaled).
+        batch_size: images per layer call (bounds the memory of one call, not of the walk).
+        rounds: K/L alternations for linear chains that have an L.
+        progress: called with (layer name, relative error) after each fit, or None.
+
+    Returns:
+        `{"samples": N, "time_s": seconds, "layers": {name: {"relative_error", "slices_error"}}}`;
+        relative errors are sum ||y - z||^2 / sum ||z - mean z||^2 of the pre-activation on the
+        calibration images, for the fitted replacement and for the plain block-diagonal slices.
+    """
+    start = time.time()
+    walker = _Walker(analysis, replacements, batch_size, rounds, progress)
+    x = np.asarray(images, "float32")
+    model = analysis.model
+    walker.run_level(model, [x], [x], prefix="")
+    return {"samples": int(len(x)), "time_s": round(time.time() - start, 3), "layers": walker.results}
+
+
+class _Walker:
+    def __init__(self, analysis, replacements, batch_size, rounds, progress):
+        self.analysis = analysis
+        self.replacements = replacements
+        self.batch_size = batch_size
+        self.rounds = rounds
+        self.progress = progress
+        self.results = {}
+
+    def run_level(self, model, orig_inputs, conv_inputs, prefix):
+        """Both networks' outputs of one model level (nested graph models recurse)."""
+        view = functional_view(model)
+        graph = Graph(view)
+        orig = {id(t): v for t, v in zip(keras.tree.flatten(view.inputs), orig_inputs)}
+        conv = {id(t): v for t, v in zip(keras.tree.flatten(view.inputs), conv_inputs)}
+        pending = {}
+        for node in graph.nodes:
+            for tensor in node.input_tensors:
+                pending[id(tensor)] = pending.get(id(tensor), 0) + 1
+        keep = {id(t) for t in keras.tree.flatten(view.outputs)}
+
+        for node in graph.nodes:
+            layer = node.operation
+            if is_graph_model(layer):
+                o_out, c_out = self.run_level(layer, [orig[id(t)] for t in node.input_tensors],
+                                              [conv[id(t)] for t in node.input_tensors],
+                                              prefix=f"{prefix}{layer.name}/")
+                orig.update(zip((id(t) for t in node.outputs), o_out))
+                conv.update(zip((id(t) for t in node.outputs), c_out))
+            else:
+                chain = self.analysis.chain_of(layer)
+                if chain is not None:
+                    x_conv, x_orig = conv[id(node.input_tensors[0])], orig[id(node.input_tensors[0])]
+                    conv[id(chain.layers[-1].output)] = self._fit(chain, x_conv, x_orig, prefix)
+                elif not self.analysis.is_absorbed(layer):
+                    conv.update(zip((id(t) for t in node.outputs), self._call(layer, node, conv)))
+                orig.update(zip((id(t) for t in node.outputs), self._call(layer, node, orig)))
+            for tensor in node.input_tensors:
+                pending[id(tensor)] -= 1
+                if pending[id(tensor)] == 0 and id(tensor) not in keep:
+                    orig.pop(id(tensor), None)
+                    conv.pop(id(tensor), None)
+        outputs = keras.tree.flatten(view.outputs)
+        return [orig[id(t)] for t in outputs], [conv[id(t)] for t in outputs]
+
+    def _call(self, layer, node, values):
+        """`layer` on the values of `node`'s inputs, `batch_size` images at a time; numpy outputs."""
+        args, kwargs = node.arguments.fill_in(values)
+        n = len(values[id(node.input_tensors[0])])
+        chunks = []
+        for start in range(0, n, self.batch_size):
+            def cut(v, start=start):
+                return v[start:start + self.batch_size] if isinstance(v, np.ndarray) and len(v) == n else v
+
+            out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
+            chunks.append([keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(out)])
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    def _fit(self, chain, x_conv, x_orig, prefix):
+        """Fit one chain's replacement and return its output on the converted network's values."""
+        entry = chain.entry
+        replacement = self.replacements[id(chain.conv)]
+        stats = ChainStats(entry.in_channels)
+        for start in range(0, len(x_conv), self.batch_size):
+            stats.add(x_conv[start:start + self.batch_size], x_orig[start:start + self.batch_size])
+        linear = chain.act is None and chain.conv.activation is keras.activations.linear
+        intercept = chain.bn is not None or chain.conv.use_bias
+        order = None if entry.second_conv else output_order(entry)
+        fitter = ChainFit(stats, folded_map(chain.conv, chain.bn), entry.groups, intercept=intercept,
+                          fit_l=entry.second_conv and linear, order=order)
+        slices = fitter.relative_error(fitter.target * fitter.k_mask, None)
+        fit = fitter.run(self.rounds)
+        epsilon = chain.bn.epsilon if chain.bn is not None else None
+        use_bias = chain.conv.use_bias
+        k_conv, k_bn = layer_weights(fit.k, stats.conv, entry.groups, use_bias=use_bias, bn_epsilon=epsilon)
+        replacement.k.set_weights(k_conv)
+        if k_bn is not None:
+            replacement.k_bn.set_weights(k_bn)
+        if fit.l is not None:
+            g = fitter.l_inputs(fit.k)
+            l_conv, l_bn = layer_weights(fit.l, g.T @ stats.conv @ g, entry.groups, use_bias=use_bias,
+                                         bn_epsilon=epsilon)
+            replacement.l.set_weights(l_conv)
+            if l_bn is not None:
+                replacement.l_bn.set_weights(l_bn)
+        name = f"{prefix}{chain.conv.name}"
+        self.results[name] = {"relative_error": fit.relative_error, "slices_error": slices}
+        if self.progress is not None:
+            self.progress(name, fit.relative_error)
+        out = [keras.ops.convert_to_numpy(replacement(x_conv[s:s + self.batch_size]))
+               for s in range(0, len(x_conv), self.batch_size)]
+        return np.concatenate(out)

@@ -1,0 +1,254 @@
+"""The data-aware fit of one replacement, in closed form, from second-moment statistics.
+
+A chain M[->B][->A] computes the pre-activation z = [x, 1] @ W (B folded into M: `folded_map`).
+Its replacement computes k = K x (+ intercept), and for C >= F also l = L (P k) (+ intercept),
+with P the interleave; the output is A(k) + A(l), or P k for an expansion. Everything below
+works on the statistics of the calibration images only (`ChainStats`, a few (C+1)^2 matrices),
+never on the activations themselves:
+
+* x is the chain's input in the *converted* network and z comes from the *original* network's
+  input (asymmetric reconstruction, Zhang et al. 2015): each fit also corrects the error that
+  earlier replacements left in x.
+* Given L, the output is linear in K, and given K linear in L; each step is a ridge least-squares
+  problem per group (the block-diagonal structure), alternated a few times. K given L couples
+  the groups through P and L, and is solved by conjugate gradients preconditioned with the
+  per-group solve of K alone.
+* Activated chains are fitted on the pre-activation (A(k) then approximates A(z)) and keep L
+  quiet; linear chains (`project_conv`) fit K and L together.
+
+The fitted maps are then written as K [-> B'] and L [-> B''] with batch-norm statistics equal
+to the fitted outputs' own mean and variance, so a batch norm in training mode reproduces the
+fit instead of normalising it away (`layer_weights`).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve
+
+from keffconvert.layers import interleave_permutation
+from keffconvert.weights import full_bn_weights
+
+
+def folded_map(conv, bn):
+    """W of shape (C+1, F): the chain's pre-activation is [x, 1] @ W (B in inference mode)."""
+    weights = conv.get_weights()
+    kernel = weights[0][0, 0].astype("float64")
+    bias = weights[1].astype("float64") if conv.use_bias else np.zeros(kernel.shape[1])
+    if bn is not None:
+        gamma, beta, mean, var = (w.astype("float64") for w in full_bn_weights(bn))
+        scale = gamma / np.sqrt(var + bn.epsilon)
+        kernel, bias = kernel * scale, (bias - mean) * scale + beta
+    return np.vstack([kernel, bias[None]])
+
+
+class ChainStats:
+    """Second moments of [x_conv, 1] and [x_orig, 1] over every pixel of the calibration images."""
+
+    def __init__(self, channels):
+        size = channels + 1
+        self.conv = np.zeros((size, size))  # sum of xc^T xc
+        self.cross = np.zeros((size, size))  # sum of xc^T xo
+        self.orig = np.zeros((size, size))  # sum of xo^T xo
+
+    def add(self, x_conv, x_orig):
+        xc = _with_ones(x_conv)
+        xo = _with_ones(x_orig)
+        self.conv += (xc.T @ xc).astype("float64")
+        self.cross += (xc.T @ xo).astype("float64")
+        self.orig += (xo.T @ xo).astype("float64")
+
+    @property
+    def count(self):
+        return self.conv[-1, -1]
+
+
+def _with_ones(x):
+    x = np.asarray(x, "float32").reshape(-1, x.shape[-1])
+    return np.concatenate([x, np.ones((len(x), 1), "float32")], axis=1)
+
+
+@dataclass
+class Fit:
+    """The fitted maps on [x, 1]: K's (C+1, F) and, for C >= F, L's (F+1, F) on [P k, 1]."""
+
+    k: np.ndarray
+    l: np.ndarray | None
+    relative_error: float
+
+
+class ChainFit:
+    """Fits one chain's replacement to its folded map W from its `ChainStats`."""
+
+    def __init__(self, stats, target, groups, *, intercept, fit_l, order=None, ridge=1e-4):
+        self.stats = stats
+        self.channels = stats.conv.shape[0] - 1
+        self.filters = target.shape[1]
+        self.groups = groups
+        self.intercept = intercept
+        self.fit_l = fit_l
+        self.ridge = ridge
+        self.target = target if order is None else target[:, order]  # K's filter q computes z[:, order[q]]
+        self.b = stats.cross @ self.target  # sum of xc^T z
+        step = self.filters // groups
+        self.perm = interleave_permutation(self.filters, step) if step > 1 else np.arange(self.filters)
+        self.k_mask = _group_mask(self.channels, self.filters, groups, intercept)
+        self.l_mask = _group_mask(self.filters, self.filters, groups, intercept)
+        self._k_factors = _group_factors(stats.conv, self.k_mask, groups, ridge)
+
+    def run(self, rounds=3):
+        k = self._solve_k_alone(self.b)
+        if not self.fit_l:
+            return Fit(k, None, self.relative_error(k, None))
+        best = None
+        l = None
+        for _ in range(rounds):
+            l = self._solve_l(k)
+            error = self.relative_error(k, l)
+            if best is None or error < best.relative_error:
+                best = Fit(k.copy(), l.copy(), error)
+            k = self._solve_k_given_l(k, l)
+        error = self.relative_error(k, self._solve_l(k))
+        if error < best.relative_error:
+            best = Fit(k, self._solve_l(k), error)
+        return best
+
+    # -- the three least-squares steps ------------------------------------------------------
+
+    def _solve_k_alone(self, rhs):
+        """Per group: (A_jj + ridge) theta = rhs_j on the group's inputs (and the intercept)."""
+        return _apply_group_inverse(self._k_factors, rhs, self.k_mask, self.groups)
+
+    def l_inputs(self, k):
+        """G with [P k, 1] = [x, 1] @ G."""
+        g = np.zeros((self.channels + 1, self.filters + 1))
+        g[:, :self.filters] = k[:, self.perm]
+        g[-1, -1] = 1.0
+        return g
+
+    def _solve_l(self, k):
+        """L on [P k, 1] fitted to the residual z - k."""
+        g = self.l_inputs(k)
+        gram = g.T @ self.stats.conv @ g
+        rhs = g.T @ (self.b - self.stats.conv @ k)
+        factors = _group_factors(gram, self.l_mask, self.groups, self.ridge)
+        return _apply_group_inverse(factors, rhs, self.l_mask, self.groups)
+
+    def _solve_k_given_l(self, k, l):
+        """min ||[x,1] K T + 1 l0 - z||^2 over block-diagonal K, with T = I + P L: CG on the masked
+        normal equations, preconditioned by the per-group solve of K alone."""
+        a = self.stats.conv
+        t = np.eye(self.filters)
+        t[self.perm, :] += l[:self.filters]  # (k P) L = k (P L): row perm[o] of P L is row o of L
+        s = t @ t.T
+        rhs = (self.b - np.outer(a[:, -1], l[-1])) @ t.T * self.k_mask
+        scale = np.trace(a) / len(a)
+
+        def operator(theta):
+            return (a @ theta @ s) * self.k_mask + self.ridge * scale * theta
+
+        theta = k.copy()
+        residual = rhs - operator(theta)
+        z = self._solve_k_alone(residual)
+        direction = z.copy()
+        rz = np.sum(residual * z)
+        norm0 = np.sqrt(np.sum(rhs * rhs)) or 1.0
+        for _ in range(100):
+            q = operator(direction)
+            alpha = rz / np.sum(direction * q)
+            theta += alpha * direction
+            residual -= alpha * q
+            if np.sqrt(np.sum(residual * residual)) < 1e-9 * norm0:
+                break
+            z = self._solve_k_alone(residual)
+            rz_new = np.sum(residual * z)
+            direction = z + (rz_new / rz) * direction
+            rz = rz_new
+        return theta
+
+    # -- measures ------------------------------------------------------------------------------
+
+    def total_map(self, k, l):
+        """The replacement's output before the activation, as one (C+1, F) map on [x, 1]."""
+        if l is None:
+            return k
+        return k + self.l_inputs(k) @ l
+
+    def relative_error(self, k, l):
+        """sum ||y - z||^2 / sum ||z - mean z||^2 on the calibration pixels (0 is exact)."""
+        theta = self.total_map(k, l)
+        a, n = self.stats.conv, self.stats.count
+        z_sq = np.trace(self.target.T @ self.stats.orig @ self.target)
+        z_sum = self.stats.orig[-1] @ self.target
+        spread = z_sq - z_sum @ z_sum / n
+        error = z_sq - 2 * np.sum(theta * self.b) + np.trace(theta.T @ a @ theta)
+        return float(max(error, 0.0) / spread) if spread > 0 else 0.0
+
+
+def _group_mask(channels, filters, groups, intercept):
+    """(channels+1, filters) 0/1: group j's inputs feed group j's outputs; the last row is the intercept."""
+    rows = np.arange(channels)[:, None] // (channels // groups)
+    cols = np.arange(filters)[None, :] // (filters // groups)
+    mask = np.zeros((channels + 1, filters))
+    mask[:channels] = rows == cols
+    mask[-1] = 1.0 if intercept else 0.0
+    return mask
+
+
+def _group_rows(mask, groups, j):
+    filters = mask.shape[1]
+    col = j * (filters // groups)
+    return np.flatnonzero(mask[:, col])
+
+
+def _group_factors(gram, mask, groups, ridge):
+    """Cholesky factors of each group's (ridged) Gram matrix over its rows."""
+    scale = np.trace(gram) / len(gram)
+    factors = []
+    for j in range(groups):
+        rows = _group_rows(mask, groups, j)
+        sub = gram[np.ix_(rows, rows)] + ridge * scale * np.eye(len(rows))
+        factors.append((rows, cho_factor(sub)))
+    return factors
+
+
+def _apply_group_inverse(factors, rhs, mask, groups):
+    """theta with theta[rows_j, cols_j] = (G_jj + ridge)^-1 rhs[rows_j, cols_j]; 0 off the mask."""
+    theta = np.zeros_like(rhs)
+    width = rhs.shape[1] // groups
+    for j, (rows, factor) in enumerate(factors):
+        cols = slice(j * width, (j + 1) * width)
+        theta[rows, cols] = cho_solve(factor, rhs[rows, cols])
+    return theta * mask
+
+
+def grouped_kernel_of(theta, groups):
+    """A masked dense (C+1, F) map -> the grouped (1, 1, C/g, F) kernel (the intercept row dropped)."""
+    dense = theta[:-1]
+    channels, filters = dense.shape
+    cg, fg = channels // groups, filters // groups
+    blocks = dense.reshape(groups, cg, groups, fg)[np.arange(groups), :, np.arange(groups), :]
+    return blocks.transpose(1, 0, 2).reshape(1, 1, cg, filters).astype("float32")
+
+
+def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
+    """(conv weights, batch-norm weights or None) that compute [x, 1] @ theta.
+
+    With a batch norm the kernel computes u = x @ theta[:-1]; the batch norm's moving mean and
+    variance are u's own on the calibration images and gamma = sqrt(var + eps),
+    beta = mean + intercept, so it returns u + intercept in inference mode and nearly that in
+    training mode. Without one the intercept is the conv's bias.
+    """
+    kernel = grouped_kernel_of(theta, groups)
+    filters = theta.shape[1]
+    bias = theta[-1].astype("float32")
+    if bn_epsilon is None:
+        return [kernel] + ([bias] if use_bias else []), None
+    n = gram[-1, -1]
+    core = theta[:-1]
+    mean = gram[-1, :-1] @ core / n
+    second = np.einsum("if,ij,jf->f", core, gram[:-1, :-1], core) / n
+    var = np.maximum(second - mean ** 2, 0.0)
+    conv = [kernel] + ([np.zeros(filters, "float32")] if use_bias else [])
+    bn = [np.sqrt(var + bn_epsilon), mean + bias, mean, var]
+    return conv, [w.astype("float32") for w in bn]
