@@ -27,7 +27,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
 from keffconvert.layers import interleave_permutation
-from keffconvert.weights import full_bn_weights
+from keffconvert.weights import block_diagonal, full_bn_weights
 
 
 def folded_map(conv, bn):
@@ -222,15 +222,6 @@ def _apply_group_inverse(factors, rhs, mask, groups):
     return theta * mask
 
 
-def grouped_kernel_of(theta, groups):
-    """A masked dense (C+1, F) map -> the grouped (1, 1, C/g, F) kernel (the intercept row dropped)."""
-    dense = theta[:-1]
-    channels, filters = dense.shape
-    cg, fg = channels // groups, filters // groups
-    blocks = dense.reshape(groups, cg, groups, fg)[np.arange(groups), :, np.arange(groups), :]
-    return blocks.transpose(1, 0, 2).reshape(1, 1, cg, filters).astype("float32")
-
-
 def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
     """(conv weights, batch-norm weights or None) that compute [x, 1] @ theta.
 
@@ -239,7 +230,7 @@ def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
     beta = mean + intercept, so it returns u + intercept in inference mode and nearly that in
     training mode. Without one the intercept is the conv's bias.
     """
-    kernel = grouped_kernel_of(theta, groups)
+    kernel = block_diagonal(theta[None, None, :-1], groups).astype("float32")
     filters = theta.shape[1]
     bias = theta[-1].astype("float32")
     if bn_epsilon is None:
