@@ -35,6 +35,9 @@ import keras
 
 from keffconvert.errors import InputError, UnsupportedModelError
 from keffconvert.layers import custom_objects
+from keffconvert.model_info import leaf_layers
+
+__all__ = ["BUILTIN_MODELS", "MODEL_SUFFIXES", "is_model_path", "load_model", "translate_legacy_config"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,15 @@ _MODEL_CLASSES = ("Functional", "Model", "Sequential")
 _MAX_DETAIL = 200  # characters of an underlying error kept in our one-line message
 _UNSAFE_HINT = "pass --unsafe only for files you trust"
 
+# What Keras 3.15 raises for a file it cannot turn into a model (each seen on a damaged file or
+# config: tests/test_loading.py has the cases): an unknown class or bad constructor argument
+# (TypeError, ValueError), a config of the wrong structure (KeyError, IndexError, AttributeError,
+# TypeError), a graph naming a layer that is not there (RuntimeError, ValueError), unreadable
+# weights (h5py's OSError, KeyError, RuntimeError; zipfile.BadZipFile), a Lambda whose marshalled
+# code is damaged (EOFError, ValueError). Anything else is a bug and is reported as one.
+_KERAS_LOAD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OSError,
+                      EOFError, zipfile.BadZipFile)
+
 
 def load_model(
     source: str,
@@ -76,13 +88,13 @@ def load_model(
     """Return the Keras model in file `source`, or the built-in model named `source`.
 
     An existing path wins over a built-in name; a name ending in .keras/.h5/.hdf5 or holding
-    a path separator is always treated as a path.
+    a path separator is always treated as a path (`is_model_path`).
 
     `unsafe` allows Lambda layers (arbitrary code in the file). `classes`, `input_size` (side
     of a square RGB input) and `weights` apply to built-in names only.
     """
     source = os.fspath(source)
-    if os.path.exists(source) or _looks_like_path(source):
+    if is_model_path(source):
         return _load_file(Path(source), unsafe)
     name = _builtin_key(source)
     if name is None:
@@ -97,8 +109,13 @@ def load_model(
 # Built-in names
 
 
-def _looks_like_path(source):
-    return source.lower().endswith(MODEL_SUFFIXES) or os.sep in source or "/" in source
+def is_model_path(source):
+    """Whether `source` names a model file rather than a built-in model: an existing path, or a
+    name ending in .keras/.h5/.hdf5, or one holding a path separator (even if it does not exist,
+    so a mistyped path is reported as a missing file, not as an unknown model name)."""
+    source = os.fspath(source)
+    return (os.path.exists(source) or source.lower().endswith(MODEL_SUFFIXES)
+            or os.sep in source or "/" in source)
 
 
 def _builtin_key(source):
@@ -116,7 +133,13 @@ def _build_builtin(name, *, classes, input_size, weights):
         kwargs["input_shape"] = (int(input_size), int(input_size), 3)
     try:
         return BUILTIN_MODELS[name](**kwargs)
-    except Exception as exc:  # bad size/classes/weights combinations, failed weight download
+    except Exception as exc:
+        # Keras raises ValueError for a bad size/classes/weights combination, h5py an OSError for
+        # an unreadable weights file, and keras.utils.get_file (Keras 3.15) a bare
+        # Exception("URL fetch failure on ...") when the weights cannot be downloaded. Anything
+        # else is a bug, reported as one.
+        if not isinstance(exc, (ValueError, OSError)) and type(exc) is not Exception:
+            raise
         raise InputError(f"{name}: cannot build the built-in model: {_one_line(exc)}") from exc
 
 
@@ -190,7 +213,7 @@ def _keras_load(path, unsafe):
         return keras.models.load_model(
             path, safe_mode=not unsafe, custom_objects=custom_objects(), compile=False
         )
-    except Exception as exc:
+    except _KERAS_LOAD_ERRORS as exc:
         raise _load_failure(path, exc, "cannot load the Keras model") from exc
 
 
@@ -374,7 +397,7 @@ def _build_from_config(config, path, unsafe):
         return keras.saving.deserialize_keras_object(
             config, custom_objects=custom_objects(), safe_mode=not unsafe
         )
-    except Exception as exc:
+    except _KERAS_LOAD_ERRORS as exc:
         raise _load_failure(path, exc, "cannot rebuild the tf.keras 2.x model in Keras 3") from exc
 
 
@@ -421,7 +444,7 @@ def _named_variables(layer):
     variable's path (which may have model-name prefixes, e.g. 'sequential/dense/kernel').
     """
     owners = {}
-    for sub in _leaf_layers(layer):
+    for sub in leaf_layers(layer):
         for variable in sub.weights:
             owners.setdefault(id(variable), sub)
     result = []
@@ -429,14 +452,6 @@ def _named_variables(layer):
         sub = owners.get(id(variable), layer)
         result.append((variable, (f"{sub.name}/{variable.name}", variable.path)))
     return result
-
-
-def _leaf_layers(layer):
-    if isinstance(layer, keras.Model):
-        for sub in layer.layers:
-            yield from _leaf_layers(sub)
-    else:
-        yield layer
 
 
 def _match_saved_to_variables(saved, variables, group_name, path):

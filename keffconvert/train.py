@@ -38,10 +38,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keffconvert.errors import DataError, KeffError, OutputError, UnsupportedModelError
+from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
+from keffconvert.keras_compat import producing_layer, set_initial_epoch
+from keffconvert.loading import MODEL_SUFFIXES, is_model_path
+from keffconvert.model_info import count_params, input_shape, leaf_layers
 from keffconvert.outputs import save_model, write_json
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 RUN_FORMAT = "keffconvert-run/1"
 MODES = ("scratch", "finetune")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
@@ -49,26 +51,18 @@ RUN_FILES = ("report.json", "report.md", "run.json")
 MODEL_DIRS = ("original", "converted")
 
 
-class UsageConflict(KeffError):
-    """Options that contradict each other or the model (a usage error)."""
-
-    exit_code = 2
-
-
 @dataclass
 class Recipe:
     """How to train. The defaults are the paper's (METHOD.md, "Training recipe").
 
-    Measured on digits at 32x32 from scratch (2 CPU cores, seed 0): with the paper's RMSprop at
-    lr 0.003 both B0 models reach about 96-98% training accuracy, but their validation accuracy
-    stays near chance for 10 to 18 epochs and then swings by up to 20 points from one epoch to
-    the next (batch-norm moving statistics lag the weights with only 21 steps an epoch). So the
-    best-checkpoint selection is what makes the result usable, and the run needs enough epochs:
-    at 20 epochs the comparison is noise (one run: 73.3% vs 90.0%), at 28 to 40 epochs the two
-    models are within about 1 point (30 epochs: 96.38% vs 96.94% with seed 0, 96.10% vs 95.54%
-    with seed 1; 359 test images, so one image is 0.28 points). lr 0.001 was no steadier
-    (converted at chance until epoch 18), so the defaults stay the paper's; only the epochs
-    (default 50, the paper's CIFAR-10 figure) need choosing.
+    On a small data set such as digits at 32x32 (21 steps an epoch), validation accuracy stays
+    near chance for many epochs and then swings from one epoch to the next, because batch-norm
+    moving statistics lag the weights. So the best-checkpoint selection is what makes the result
+    usable, and a run needs enough epochs for the comparison between the original and the
+    converted model to be more than noise; a lower learning rate was no steadier, so the defaults
+    stay the paper's and only the epochs (default 50, the paper's CIFAR-10 figure) need choosing.
+    The measured figures behind this (accuracies per epoch count and seed) come from `make main`
+    (`runs/main/report.md`) and are kept in one place, README.md, "Train and report".
     """
 
     epochs: int = 50
@@ -131,22 +125,11 @@ class Recipe:
 # Models
 
 
-def leaf_layers(model):
-    """Every layer of `model`, nested models flattened, in order."""
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out += leaf_layers(layer)
-        else:
-            out.append(layer)
-    return out
-
-
 def output_layer(model):
     """The (innermost) layer producing `model`'s first output."""
-    layer = model.outputs[0]._keras_history[0]
+    layer = producing_layer(model.outputs[0])
     while isinstance(layer, keras.Model):
-        layer = layer.outputs[0]._keras_history[0]
+        layer = producing_layer(layer.outputs[0])
     return layer
 
 
@@ -256,11 +239,6 @@ def make_optimizer(recipe):
     if recipe.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate=lr)
     return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
-
-
-def count_params(model):
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    return trainable, int(sum(np.prod(w.shape) for w in model.weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +359,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         if self._restored_model is not self.model:
             self.restore(self.model)
         else:
-            self.model._initial_epoch = self.restored_epoch
+            set_initial_epoch(self.model, self.restored_epoch)
 
     def _load_model(self):
         self.restore(self.model)
@@ -420,8 +398,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                     _copy_into_place(path / target.name, target)  # written after the commit
             break
         if errors and not epoch:
-            raise KeffError(f"the backup in {self.folder} cannot be restored ({'; '.join(errors)}); "
-                            "remove it (or pass --force) to start over")
+            raise OutputError(f"the backup in {self.folder} cannot be restored ({'; '.join(errors)}); "
+                              "remove it (or pass --force) to start over")
         if not epoch:
             for target in self.files:  # written by an epoch that never committed
                 if target.exists():
@@ -431,7 +409,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             for entry in list(self.folder.iterdir()):  # partial, dropped, unreadable or older-format backups
                 if entry not in keep:
                     self._drop(entry)
-        model._initial_epoch = epoch
+        set_initial_epoch(model, epoch)
         self.restored_epoch, self._restored_model = epoch, model
         return epoch
 
@@ -646,17 +624,14 @@ def _source_name(model):
     return path.stem if path.suffix.lower() in MODEL_SUFFIXES else os.fspath(model).lower()
 
 
-def _is_model_file(source):
-    return Path(source).suffix.lower() in MODEL_SUFFIXES or os.path.exists(source) or "/" in source
-
-
 def default_out(model, mode):
     return Path("runs") / f"{_source_name(model).replace('/', '_')}-{mode}"
 
 
-def _input_shape(model):
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3:
+def _image_input_shape(model):
+    """(height, width, channels) of `model`'s input, each possibly None; refuses non-image models."""
+    shape = input_shape(model)
+    if shape is None or len(shape) != 3:
         raise UnsupportedModelError(f"{model.name} takes input of shape {shape}; train needs images (H, W, C)")
     return shape
 
@@ -666,7 +641,7 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
     from keffconvert.data import load_dataset
 
     split = dict(val_split=recipe.val_split, test_split=recipe.test_split, seed=recipe.seed)
-    if isinstance(model, str) and not _is_model_file(model):
+    if isinstance(model, str) and not is_model_path(model):
         from keffconvert.loading import load_model
 
         size = image_size or 224
@@ -679,7 +654,7 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
         from keffconvert.loading import load_model
 
         source = load_model(model, unsafe=unsafe)
-    height, width, channels = _input_shape(source)
+    height, width, channels = _image_input_shape(source)
     if height is None or width is None:
         height = width = image_size or 224
     elif image_size is not None and (image_size, image_size) != (height, width):
@@ -744,7 +719,7 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
                               exclude=list(exclude or []), transfer_weights=(mode == "finetune"))
     if not plan.converted:
         raise UnsupportedModelError(f"{name}: no Conv2D is an eligible 1x1 convolution; nothing to train")
-    if mode == "finetune" and isinstance(model, str) and not _is_model_file(model):
+    if mode == "finetune" and isinstance(model, str) and not is_model_path(model):
         say(f"note: {name} is a built-in name without trained weights, so fine-tuning starts from "
             "random weights", highlight=False)
 
@@ -860,7 +835,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
                     shuffle=False, callbacks=callbacks)  # the pipeline shuffles itself
     history = log.ordered(recipe.epochs)
     if len(history) != recipe.epochs or not best.path.exists():
-        raise KeffError(f"{label}: training ended after {len(history)} of {recipe.epochs} epochs")
+        raise OutputError(f"{label}: training ended after {len(history)} of {recipe.epochs} epochs recorded in "
+                          f"{folder} (was the run folder changed while training?); pass --force to start over")
 
     start = time.time()
     with dtype_policy(policy), strategy.scope():

@@ -13,7 +13,7 @@ import pytest
 
 from keffconvert.errors import InputError, UnsupportedModelError
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
-from keffconvert.loading import BUILTIN_MODELS, load_model, translate_legacy_config
+from keffconvert.loading import BUILTIN_MODELS, is_model_path, load_model, translate_legacy_config
 
 LEGACY_DIR = Path(__file__).resolve().parent / "fixtures" / "legacy"
 LEGACY_FILES = sorted(LEGACY_DIR.glob("*.h5"))
@@ -388,3 +388,169 @@ def test_unsupported_extension(tmp_path):
     with pytest.raises(InputError) as excinfo:
         load_model(str(path))
     assert "unsupported" in _assert_one_line_error(excinfo, str(path))
+
+
+# --- damaged files: Keras' own errors become one line, a bug stays a bug -----------------------
+
+
+def _rewrite_keras_zip(source, target, config=None, weights=None):
+    """A copy of the .keras file `source` with its config.json and/or model.weights.h5 replaced."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json" and config is not None:
+                data = config if isinstance(config, str) else json.dumps(config)
+            if item.filename == "model.weights.h5" and weights is not None:
+                data = weights
+            dst.writestr(item, data)
+
+
+def _layer_config(config, name):
+    return next(layer for layer in config["config"]["layers"] if layer["config"]["name"] == name)
+
+
+def _unknown_class(config):
+    _layer_config(config, "conv")["class_name"] = "NoSuchLayer"
+
+
+def _bad_argument(config):
+    _layer_config(config, "conv")["config"]["filters"] = "eight"
+
+
+def _unknown_argument(config):
+    _layer_config(config, "conv")["config"]["no_such_argument"] = 1
+
+
+def _missing_input(config):
+    _layer_config(config, "bn")["inbound_nodes"][0]["args"][0]["config"]["keras_history"][0] = "nowhere"
+
+
+def _weights_of_other_shape(config):
+    _layer_config(config, "dense")["config"]["units"] = 5
+
+
+KERAS_DAMAGE = {  # name: (config change, weights change)
+    "config is a list": (lambda c: "[]", None),
+    "config is a number": (lambda c: "3", None),
+    "unknown layer class": (_unknown_class, None),
+    "bad constructor argument": (_bad_argument, None),
+    "unknown constructor argument": (_unknown_argument, None),
+    "graph names a missing layer": (_missing_input, None),
+    "weights of another shape": (_weights_of_other_shape, None),
+    "weights not HDF5": (None, lambda w: b"garbage"),
+    "weights truncated": (None, lambda w: w[: len(w) // 2]),
+}
+
+
+@pytest.mark.parametrize("damage", KERAS_DAMAGE)
+def test_damaged_keras_file_is_one_line_input_error(tmp_path, damage):
+    change_config, change_weights = KERAS_DAMAGE[damage]
+    good = tmp_path / "good.keras"
+    _small_model().save(good)
+    with zipfile.ZipFile(good) as archive:
+        config, weights = json.loads(archive.read("config.json")), archive.read("model.weights.h5")
+    if change_config is not None:
+        config = change_config(config) or config
+    path = tmp_path / "damaged.keras"
+    _rewrite_keras_zip(good, path, config=config, weights=change_weights(weights) if change_weights else None)
+    with pytest.raises(InputError) as excinfo:
+        load_model(str(path))
+    _assert_one_line_error(excinfo, str(path))
+
+
+def _drop_weights_group(f):
+    del f["model_weights"]
+
+
+def _drop_one_layers_weights(f):
+    del f["model_weights"]["dense"]
+
+
+def _unknown_model_class(f):
+    f.attrs["model_config"] = json.dumps({"class_name": "NoSuchModel", "config": {}})
+
+
+def _model_config_without_layers(f):
+    f.attrs["model_config"] = json.dumps({"class_name": "Functional", "config": {}})
+
+
+H5_DAMAGE = {
+    "no model_weights group": _drop_weights_group,
+    "a layer's weights missing": _drop_one_layers_weights,
+    "unknown model class": _unknown_model_class,
+    "model config without layers": _model_config_without_layers,
+}
+
+
+@pytest.mark.parametrize("damage", H5_DAMAGE)
+def test_damaged_keras3_h5_is_one_line_input_error(tmp_path, damage):
+    path = tmp_path / "damaged.h5"
+    _small_model().save(path)
+    with h5py.File(path, "r+") as f:
+        H5_DAMAGE[damage](f)
+    with pytest.raises(InputError) as excinfo:
+        load_model(str(path))
+    _assert_one_line_error(excinfo, str(path))
+
+
+LEGACY_DAMAGE = {
+    "unknown layer class": lambda layers: layers[1].update(class_name="NoSuchLayer"),
+    "bad constructor argument": lambda layers: layers[1]["config"].update(filters="four"),
+    "inbound layer missing": lambda layers: layers[2].update(inbound_nodes=[[["nowhere", 0, 0, {}]]]),
+    "output index out of range": lambda layers: layers[-1].update(inbound_nodes=[[["pool", 7, 0, {}]]]),
+}
+
+
+@pytest.mark.parametrize("damage", LEGACY_DAMAGE)
+def test_damaged_legacy_config_is_one_line_input_error(tmp_path, damage):
+    config = _kcai_legacy_config()
+    LEGACY_DAMAGE[damage](config["config"]["layers"])
+    path = tmp_path / "damaged_legacy.h5"
+    _write_legacy_h5(path, config, _kcai_weights())
+    with pytest.raises(InputError) as excinfo:
+        load_model(str(path))
+    _assert_one_line_error(excinfo, str(path))
+
+
+def test_a_bug_while_loading_is_not_reported_as_a_bad_file(tmp_path, monkeypatch):
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug, not a damaged file")
+
+    monkeypatch.setattr(keras.models, "load_model", bug)
+    with pytest.raises(ZeroDivisionError):
+        load_model(str(path))
+
+
+def test_builtin_weights_file_that_is_not_hdf5_is_input_error(tmp_path):
+    path = tmp_path / "junk.weights.h5"
+    path.write_text("not weights\n")
+    with pytest.raises(InputError) as excinfo:
+        load_model("efficientnetb0", classes=10, input_size=32, weights=str(path))
+    _assert_one_line_error(excinfo, "efficientnetb0")
+
+
+@pytest.mark.parametrize("error, reported", [
+    (Exception("URL fetch failure on https://example.invalid/b0.h5: None -- no network"), True),  # keras.utils.get_file
+    (ValueError("bad combination"), True),
+    (ZeroDivisionError("a bug"), False),
+])
+def test_builtin_build_failures_are_input_errors_and_bugs_stay_bugs(monkeypatch, error, reported):
+    def build(**kwargs):
+        raise error
+
+    monkeypatch.setitem(BUILTIN_MODELS, "efficientnetb0", build)
+    with pytest.raises(InputError if reported else type(error)) as excinfo:
+        load_model("efficientnetb0", classes=10)
+    if reported:
+        assert str(error).split(":")[0] in _assert_one_line_error(excinfo, "efficientnetb0")
+
+
+@pytest.mark.parametrize("source, is_path", [
+    ("efficientnetb0", False), ("EfficientNet-B0", False), ("model.keras", True), ("MODEL.H5", True),
+    ("old.hdf5", True), ("runs/efficientnetb0", True), ("missing/model", True),
+])
+def test_model_path_rule(source, is_path):
+    assert is_model_path(source) is is_path

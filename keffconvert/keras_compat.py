@@ -1,0 +1,78 @@
+"""Every use keffconvert makes of Keras internals, one small named function each.
+
+Keras 3 has no public API for these: the graph behind a Functional or Sequential model, the
+layer that produced a symbolic tensor, turning safe mode off for one block, the epoch `fit`
+resumes from. Private names can move in any Keras release, so nothing else in keffconvert
+touches `keras.src` or an underscore attribute of a Keras object; when Keras is upgraded this
+module is the one to check. Each function says the Keras version it was checked on (the
+version CI installs, see pyproject.toml) and where the name lives there.
+
+Not here, because they cannot be a function: `train.AtomicBackupAndRestore` overrides the hooks
+of `keras.callbacks.BackupAndRestore` (`_save_model`, `_load_model`, `_current_epoch`; checked on
+3.15.1, keras/src/callbacks/backup_and_restore.py).
+"""
+
+from contextlib import contextmanager
+
+# Checked on Keras 3.15.1: keras/src/models/functional.py. `keras.Model(inputs, outputs)` returns
+# an instance of this class; a subclassed `keras.Model` is not one.
+from keras.src.models.functional import Functional
+
+__all__ = ["is_functional", "nodes_by_depth", "producing_layer", "safe_mode_off", "sequential_graph",
+           "set_initial_epoch"]
+
+
+def is_functional(obj):
+    """Whether `obj` is a Functional model (`keras.Model(inputs, outputs)`), which has a layer graph.
+
+    Checked on Keras 3.15.1 (`keras.src.models.functional.Functional`).
+    """
+    return isinstance(obj, Functional)
+
+
+def nodes_by_depth(model):
+    """{depth: [Node, ...]} of a Functional model's graph; the inputs are at the greatest depth.
+
+    Checked on Keras 3.15.1 (`Function._nodes_by_depth`, keras/src/ops/function.py).
+    """
+    return model._nodes_by_depth
+
+
+def sequential_graph(model):
+    """The Functional model a built Sequential keeps for its layer graph, or None while unbuilt.
+
+    Checked on Keras 3.15.1 (`Sequential._functional`, keras/src/models/sequential.py).
+    """
+    return getattr(model, "_functional", None)
+
+
+def producing_layer(tensor):
+    """The layer (operation) whose call produced the symbolic tensor `tensor`.
+
+    Checked on Keras 3.15.1 (`KerasTensor._keras_history`, a `KerasHistory(operation, node_index,
+    tensor_index)` set in keras/src/ops/node.py).
+    """
+    return tensor._keras_history[0]
+
+
+@contextmanager
+def safe_mode_off():
+    """Deserialize without safe mode inside the block only (a Lambda's code may be rebuilt).
+
+    `keras.config.enable_unsafe_deserialization()` is the public switch, but it is global and
+    cannot be undone; the scope restores the previous setting. Checked on Keras 3.15.1
+    (`keras.src.saving.serialization_lib.SafeModeScope`).
+    """
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with SafeModeScope(False):
+        yield
+
+
+def set_initial_epoch(model, epoch):
+    """Make the next `model.fit` start at `epoch` (what `BackupAndRestore` does after a restore).
+
+    Checked on Keras 3.15.1 (`Trainer._initial_epoch`, read by `fit` in
+    keras/src/backend/tensorflow/trainer.py).
+    """
+    model._initial_epoch = epoch
