@@ -36,6 +36,11 @@ in this order:
 Layers called more than once, nested models' boundaries and channels_first layers are never
 folded across. The result is for inference only: its BN statistics are gone, and its dense
 kernels make it hold more parameters than the converted model (fewer than the original).
+
+As in the conversion, the folds are matched first, on each level's `graph.Graph` (`_LevelPlan`),
+then applied by the one rebuild walk, `transform.rebuild` (`_Folder`). `save_saved_model` and
+`save_keras` write the result (`export_tflite` converts it to TFLite); `verify_export`
+(`keffconvert.export_check`) checks that an export predicts what its source predicts.
 """
 
 from __future__ import annotations
@@ -45,13 +50,20 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keffconvert.graph import Graph, functional_view, is_graph_model
-from keffconvert.layer_kinds import is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm
-from keffconvert.rewrite import clone_layer, named_inputs
+from keffconvert.export_check import DEFAULT_TOLERANCE, describe_check, verify_export
+from keffconvert.graph import Graph, is_graph_model
+from keffconvert.layer_kinds import (is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm,
+                                     is_plain_conv2d)
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels, choose_implementation, interleave_permutation
+from keffconvert.transform import Transform, clone_layer, rebuild
+from keffconvert.weights import bn_affine, grouped_to_dense
+
+__all__ = ["DEFAULT_MAX_DENSE_WEIGHTS", "DEFAULT_TOLERANCE", "FoldReport", "TARGETS", "describe_check",
+           "inference_model", "output_ending", "save_keras", "save_saved_model", "verify_export"]
 
 TARGETS = ("keras", "tflite")
 DEFAULT_MAX_DENSE_WEIGHTS = 16384
+
 
 @dataclass
 class FoldReport:
@@ -94,8 +106,8 @@ def inference_model(model, *, target="keras", fold_batchnorm=True, fold_interlea
 
         raise UnsupportedModelError(f"{type(model).__name__} is a subclassed model: it has no layer graph to fold")
     report = report if report is not None else FoldReport()
-    folder = _Folder(target, fold_batchnorm, fold_interleave, max_dense_weights, report, batch_size)
-    new_model = folder.fold(model)
+    folder = _Folder(target, fold_batchnorm, fold_interleave, max_dense_weights, report)
+    new_model = rebuild(model, folder, batch_size=batch_size)
     folder.assign_weights()
     report.params_before = model.count_params()
     report.params_after = new_model.count_params()
@@ -128,10 +140,10 @@ class _Merge:
 
 
 class _LevelPlan:
-    """The folds of one Functional level, decided from its graph before anything is built."""
+    """The folds of one Functional level, decided from its `Graph` before anything is built."""
 
     def __init__(self, model, fold_batchnorm, fold_interleave, max_dense_weights, report, target="keras"):
-        self.graph = Graph(functional_view(model))
+        self.graph = Graph.of(model)
         self.max_dense_weights = max_dense_weights
         self.target = target
         self.report = report
@@ -139,13 +151,6 @@ class _LevelPlan:
         self.merges = {}  # id(first layer of a merged residual block) -> _Merge
         self.passthrough = {}  # id(layer) -> None (its call returns its input) or i (input i of a list)
         self.permuted_bn = {}  # id(bn) -> perm (a BN that sits between K and a folded interleave)
-        self._producer = {id(t): node for node in self.graph.nodes for t in node.outputs}
-        self._consumers = {}
-        for node in self.graph.nodes:
-            for tensor in node.input_tensors:
-                self._consumers.setdefault(id(tensor), []).append(node)
-        for tensor in self.graph.model.outputs:
-            self._consumers.setdefault(id(tensor), []).append(None)
         if fold_batchnorm and fold_interleave:
             for node in self.graph.nodes:
                 if isinstance(node.operation, keras.layers.Add):
@@ -162,19 +167,11 @@ class _LevelPlan:
     # -- helpers ------------------------------------------------------------------------------
 
     def _once(self, layer):
-        return self.graph.call_count(layer) == 1
+        return self.graph.called_once(layer)
 
     def _taken(self, layer):
         """Already part of a merge or passed through."""
         return id(layer) in self.passthrough or id(layer) in self.merges
-
-    def _producer_of(self, node):
-        if len(node.input_tensors) != 1:
-            return None
-        return self._producer.get(id(node.input_tensors[0]))
-
-    def _feeds_only(self, node, consumer):
-        return self.graph.sole_consumer(node) is consumer
 
     def _fold(self, layer):
         return self.convs.setdefault(id(layer), _ConvFold(layer))
@@ -194,7 +191,7 @@ class _LevelPlan:
             chain = self._linear_chain(a, b, node)
             if not chain or not any(_is_pointwise_conv(n.operation) for n in chain):
                 continue
-            if sorted(id(c) for c in self._consumers.get(id(b), [])) != sorted([id(chain[0]), id(node)]):
+            if sorted(map(id, self.graph.consumers(b))) != sorted([id(chain[0]), id(node)]):
                 continue
             channels = b.shape[-1]
             prefix = self._linear_prefix(b)
@@ -223,11 +220,11 @@ class _LevelPlan:
         layers that each feed only the next; else None."""
         chain, tensor, consumer = [], a, add_node
         for _ in range(16):
-            node = self._producer.get(id(tensor))
+            node = self.graph.producer(tensor)
             if node is None or len(node.input_tensors) != 1 or not _is_linear_pointwise(node.operation) \
                     or not self._once(node.operation) or self._taken(node.operation):
                 return None
-            if [id(c) for c in self._consumers.get(id(tensor), [])] != [id(consumer)]:
+            if self.graph.only_consumer(tensor) is not consumer:
                 return None
             chain.insert(0, node)
             tensor, consumer = node.input_tensors[0], node
@@ -239,12 +236,12 @@ class _LevelPlan:
         """[K node, BN node...] producing b, K a linear pointwise conv; [] if b comes otherwise."""
         prefix, tensor = [], b
         for _ in range(4):
-            node = self._producer.get(id(tensor))
+            node = self.graph.producer(tensor)
             if node is None or len(node.input_tensors) != 1 or not self._once(node.operation) \
                     or self._taken(node.operation):
                 return []
             layer = node.operation
-            if prefix and [id(c) for c in self._consumers.get(id(tensor), [])] != [id(prefix[0])]:
+            if prefix and self.graph.only_consumer(tensor) is not prefix[0]:
                 return []
             if isinstance(layer, keras.layers.BatchNormalization) and _is_linear_pointwise(layer):
                 prefix.insert(0, node)
@@ -263,8 +260,8 @@ class _LevelPlan:
         rank = len(node.input_tensors[0].shape) if len(node.input_tensors) == 1 else 0
         if not self._once(bn) or not is_plain_batch_norm(bn, rank) or self._taken(bn):
             return
-        producer = self._producer_of(node)
-        if producer is None or not self._feeds_only(producer, node):
+        producer = self.graph.input_producer(node)
+        if producer is None or not self.graph.feeds_only(producer, node):
             return
         conv = producer.operation
         if not _bn_foldable_into(conv) or not self._once(conv) or self._taken(conv):
@@ -347,8 +344,8 @@ class _LevelPlan:
         between = []
         current = node
         while True:
-            producer = self._producer_of(current)
-            if producer is None or not self._feeds_only(producer, current) or not self._once(producer.operation) \
+            producer = self.graph.input_producer(current)
+            if producer is None or not self.graph.feeds_only(producer, current) or not self._once(producer.operation) \
                     or self._taken(producer.operation) and id(producer.operation) not in self.passthrough:
                 return None
             layer = producer.operation
@@ -390,7 +387,7 @@ def _is_linear_pointwise(layer):
 def _linear_map(layer, channels):
     """(M, bias) with layer(x) == x @ M + bias per pixel, in float64."""
     if isinstance(layer, keras.layers.BatchNormalization):
-        scale, shift = _bn_affine(layer, channels)
+        scale, shift = bn_affine(layer)
         return np.diag(scale), shift
     if isinstance(layer, InterleaveChannels):
         perm = interleave_permutation(channels, layer.step_size)
@@ -416,68 +413,50 @@ def _compose(nodes, channels):
 
 
 def _bn_foldable_into(layer):
-    if isinstance(layer, (GroupedPointwiseConv2D, keras.layers.DepthwiseConv2D)):
-        ok = True
-    elif isinstance(layer, keras.layers.Conv2D):
-        ok = type(layer) is keras.layers.Conv2D
-    else:
+    if not isinstance(layer, (GroupedPointwiseConv2D, keras.layers.DepthwiseConv2D)) and not is_plain_conv2d(layer):
         return False
-    return ok and layer.activation is keras.activations.linear and getattr(layer, "data_format", None) != "channels_first"
+    return layer.activation is keras.activations.linear and getattr(layer, "data_format", None) != "channels_first"
 
 
 def _is_dense_conv(layer):
     """A Conv2D that mixes all input channels (groups=1, channels_last)."""
-    return type(layer) is keras.layers.Conv2D and layer.groups == 1 and layer.data_format == "channels_last"
+    return is_plain_conv2d(layer) and layer.groups == 1 and layer.data_format == "channels_last"
 
 
 # ---------------------------------------------------------------------------------------------
 # Rebuilding
 
 
-class _Folder:
-    def __init__(self, target, fold_batchnorm, fold_interleave, max_dense_weights, report, batch_size=None):
+class _Folder(Transform):
+    """Rebuilds each level with the folds its `_LevelPlan` decided: folded layers pass their input
+    through, folded convs and merges get new weights (assigned once the whole model is built)."""
+
+    def __init__(self, target, fold_batchnorm, fold_interleave, max_dense_weights, report):
         self.target = target
-        self.batch_size = batch_size
-        self.depth = 0
         self.fold_batchnorm = fold_batchnorm
         self.fold_interleave = fold_interleave
         self.max_dense_weights = max_dense_weights
         self.report = report
         self.pending = []  # (new layer, weights) assigned once the new model is built
-        self.passthrough = {}
-        self.originals = {}
 
-    def fold(self, model):
-        if isinstance(model, keras.Sequential):
-            view = functional_view(model)
-            model = keras.Model(view.inputs, view.outputs, name=model.name)
-        plan = _LevelPlan(model, self.fold_batchnorm, self.fold_interleave, self.max_dense_weights, self.report,
+    def needs_functional(self, model):
+        return True  # folded layers are skipped in their call, which Keras runs in Functional models only
+
+    def begin_level(self, model):
+        return _LevelPlan(model, self.fold_batchnorm, self.fold_interleave, self.max_dense_weights, self.report,
                           self.target)
-        self.passthrough.update(plan.passthrough)
 
-        def clone(layer):
-            if isinstance(layer, keras.Model):
-                return self.fold(layer)
-            new, weights = self._new_layer(layer, plan)
-            self.originals[id(new)] = layer
-            if weights:
-                self.pending.append((new, weights))
-            return new
+    def clone(self, layer, plan):
+        new, weights = self._new_layer(layer, plan)
+        if weights:
+            self.pending.append((new, weights))
+        return new
 
-        def call(layer, *args, **kwargs):
-            original = self.originals.get(id(layer))
-            if original is not None and id(original) in self.passthrough:
-                index = self.passthrough[id(original)]
-                return args[0] if index is None else args[0][index]
-            return layer(*args, **kwargs)
-
-        batch_size = self.batch_size if self.depth == 0 else None  # nested models take what they are given
-        self.depth += 1
-        try:
-            return keras.models.clone_model(model, input_tensors=named_inputs(model, batch_size),
-                                            clone_function=clone, call_function=call)
-        finally:
-            self.depth -= 1
+    def call(self, original, layer, plan, *args, **kwargs):
+        if id(original) in plan.passthrough:
+            index = plan.passthrough[id(original)]
+            return args[0] if index is None else args[0][index]
+        return layer(*args, **kwargs)
 
     def assign_weights(self):
         for layer, weights in self.pending:
@@ -510,10 +489,9 @@ def _folded_conv(fold, target, report):
     kernel, *rest = [np.asarray(w) for w in layer.get_weights()]
     bias = rest[0] if getattr(layer, "use_bias", False) and rest else None
     is_depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-    out_channels = kernel.shape[-2] * kernel.shape[-1] if is_depthwise else kernel.shape[-1]
     use_bias = bias is not None
     if fold.bn is not None:
-        scale, shift = _bn_affine(fold.bn, out_channels)
+        scale, shift = bn_affine(fold.bn)
         if is_depthwise:
             kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
         else:
@@ -547,42 +525,17 @@ def _folded_conv(fold, target, report):
     return layer.__class__.from_config(config), weights
 
 
-def _bn_affine(bn, channels):
-    """(scale, shift) with bn(x) == x*scale + shift at inference."""
-    weights = list(bn.get_weights())
-    gamma = weights.pop(0) if bn.scale else np.ones(channels, "float32")
-    beta = weights.pop(0) if bn.center else np.zeros(channels, "float32")
-    mean, variance = weights
-    scale = gamma.astype("float64") / np.sqrt(variance.astype("float64") + bn.epsilon)
-    return scale, beta.astype("float64") - mean.astype("float64") * scale
-
-
-def grouped_to_dense(kernel, groups):
-    """A (1, 1, C/g, F) grouped kernel as the dense (1, 1, C, F) kernel of the same convolution."""
-    _, _, cg, filters = kernel.shape
-    fg = filters // groups
-    dense = np.zeros((1, 1, cg * groups, filters), kernel.dtype)
-    for j in range(groups):
-        dense[0, 0, j * cg:(j + 1) * cg, j * fg:(j + 1) * fg] = kernel[0, 0, :, j * fg:(j + 1) * fg]
-    return dense
-
-
 # ---------------------------------------------------------------------------------------------
 # Files
 
 
-def default_output(source, fmt, int8=False):
-    """`dir/m.keras` -> `dir/m_inference.keras` / `dir/m.tflite` / `dir/m_int8.tflite` / `dir/m_saved_model`."""
-    from pathlib import Path
+OUTPUT_ENDINGS = {"keras": "_inference.keras", "tflite": ".tflite", "saved_model": "_saved_model"}
 
-    path = Path(source)
-    stem = path.stem if path.suffix else source.replace("/", "_")
-    folder = path.parent if path.suffix else Path(".")
-    if fmt == "tflite":
-        return folder / f"{stem}{'_int8' if int8 else ''}.tflite"
-    if fmt == "saved_model":
-        return folder / f"{stem}_saved_model"
-    return folder / f"{stem}_inference.keras"
+
+def output_ending(fmt, int8=False):
+    """What `outputs.default_output` appends to MODEL's stem for an export in format `fmt`:
+    `m_inference.keras`, `m.tflite`, `m_int8.tflite` or `m_saved_model`."""
+    return "_int8.tflite" if fmt == "tflite" and int8 else OUTPUT_ENDINGS[fmt]
 
 
 def save_keras(model, path, force=False):
@@ -591,8 +544,13 @@ def save_keras(model, path, force=False):
     return save_model(model, path, force)
 
 
-def save_saved_model(model, path, force=False):
-    """A TensorFlow SavedModel directory (Keras' `model.export`), written beside and renamed in."""
+def save_saved_model(model, path, force=False, check=None):
+    """A TensorFlow SavedModel directory (Keras' `model.export`, signature `serve`).
+
+    It is written into a hidden folder beside `path`, `check(folder)` is called on it there when
+    given (it raises to refuse the export: nothing is written, an old `path` is kept), and only then
+    is it moved to `path`, replacing an old one when `force`.
+    """
     import os
     import shutil
     import tempfile
@@ -603,22 +561,23 @@ def save_saved_model(model, path, force=False):
 
     path = check_writable_dir(path, force)
     folder = path.parent if str(path.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:
-        target = tmp / "model"
-        model.export(str(target), format="tf_saved_model", verbose=False)
-        old = None
-        if path.exists():
-            old = folder / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(target, path)
+        staged = staging / "model"
+        model.export(str(staged), format="tf_saved_model", verbose=False)
+        if check is not None:
+            check(staged)
+        old = staging / "old" if path.exists() else None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        try:
+            os.replace(staged, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
     except OSError as error:
         raise OutputError(f"could not write {path}: {error.strerror or error}") from error
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return path
-
-

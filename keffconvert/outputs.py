@@ -13,6 +13,16 @@ from pathlib import Path
 from keffconvert.errors import OutputError
 
 
+def default_output(source, ending):
+    """Where an output made from MODEL `source` goes by default: beside it, its stem followed by
+    `ending` (`dir/m.h5`, "_keff.keras" -> `dir/m_keff.keras`); for a built-in model name, in the
+    current folder (`efficientnetb0` -> `efficientnetb0_keff.keras`)."""
+    path = Path(source)
+    if path.suffix:
+        return path.with_name(f"{path.stem}{ending}")
+    return Path(f"{str(source).replace('/', '_')}{ending}")
+
+
 def check_writable(path, force=False):
     """Refuse an existing output without `force`, and a folder we cannot write to."""
     path = Path(path)

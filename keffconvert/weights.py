@@ -108,3 +108,20 @@ def full_bn_weights(bn):
     gamma = weights.pop(0) if bn.scale else np.ones(filters, "float32")
     beta = weights.pop(0) if bn.center else np.zeros(filters, "float32")
     return [gamma, beta] + weights
+
+
+def grouped_to_dense(kernel, groups):
+    """A grouped (1, 1, C/g, F) kernel as the dense (1, 1, C, F) kernel of the same convolution:
+    the inverse of `block_diagonal` (group j's weights at rows j*C/g.., columns j*F/g.., zeros elsewhere)."""
+    _, _, cg, filters = kernel.shape
+    fg = filters // groups
+    dense = np.zeros((groups, cg, groups, fg), kernel.dtype)
+    dense[np.arange(groups), :, np.arange(groups), :] = kernel.reshape(cg, groups, fg).transpose(1, 0, 2)
+    return dense.reshape(1, 1, cg * groups, filters)
+
+
+def bn_affine(bn):
+    """(scale, shift), float64, with bn(x) == x*scale + shift at inference."""
+    gamma, beta, mean, variance = (w.astype("float64") for w in full_bn_weights(bn))
+    scale = gamma / np.sqrt(variance + bn.epsilon)
+    return scale, beta - mean * scale

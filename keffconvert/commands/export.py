@@ -1,12 +1,15 @@
-"""`keffconvert export MODEL`: write an inference model (TFLite, SavedModel or .keras) and check it."""
+"""`keffconvert export MODEL`: write an inference model (TFLite, SavedModel or .keras) and check it.
+
+The CLI shell over `keffconvert.export` (folding, writing), `keffconvert.export_tflite` and
+`keffconvert.export_check` (`verify_export`, importable from here too).
+"""
 
 from pathlib import Path
 
 import click
 
 from keffconvert.errors import EXPORT_MISMATCH
-
-DEFAULT_TOLERANCE = 1e-3  # float exports differ from their source by float rounding only (about 1e-6)
+from keffconvert.export_check import DEFAULT_TOLERANCE, describe_check, verify_export
 
 FORMAT_HELP = f"""\b
 Formats:
@@ -56,9 +59,10 @@ disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_M
 def export_command(model, fmt, int8, per_tensor, calibration, calibration_samples, output, no_fold, max_dense_weights, classes,
                    input_size, unsafe, force, tolerance, min_agreement):
     """Export MODEL for inference as TFLite, SavedModel or .keras, and check its predictions."""
-    from keffconvert.export import DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, default_output, inference_model
+    from keffconvert.export import (DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, inference_model, output_ending, save_keras,
+                                    save_saved_model)
     from keffconvert.loading import load_model
-    from keffconvert.outputs import check_writable, check_writable_dir
+    from keffconvert.outputs import check_writable, check_writable_dir, default_output
 
     if int8 and fmt != "tflite":
         raise click.UsageError("--int8 applies to --format tflite only")
@@ -66,7 +70,7 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
         raise click.UsageError("--per-tensor applies to --int8 only")
     if int8 and not calibration:
         raise click.UsageError("--int8 needs --calibration DATA (representative images: an .npz with x, or 'digits')")
-    output = Path(output) if output else default_output(model, fmt, int8)
+    output = Path(output) if output else default_output(model, output_ending(fmt, int8))
     if fmt == "saved_model":
         check_writable_dir(output, force)
     else:
@@ -102,12 +106,10 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
                                                           report=report)
         _fold_summary(report, no_fold)
         if fmt == "keras":
-            from keffconvert.export import save_keras
-
             check(exported)
             save_keras(exported, output, force)
         else:
-            _save_saved_model_checked(exported, output, force, check)
+            save_saved_model(exported, output, force, check=check)
     click.echo(f"wrote {output} ({kind}, {_size(output):,} bytes)")
 
 
@@ -124,132 +126,6 @@ def _calibration_images(source, model, limit):
     if len(images) == 0:
         raise DataError(f"{source}: no calibration images")
     return images
-
-
-def _predictor(exported):
-    """x -> outputs for a Keras model, TFLite flatbuffer bytes, a callable, or a path to a SavedModel
-    folder, a .tflite file or a .keras/.h5 file."""
-    if isinstance(exported, (str, Path)):
-        path = Path(exported)
-        if path.is_dir():
-            from keffconvert.export_tflite import predict_saved_model
-
-            return lambda x: predict_saved_model(path, x)
-        if path.suffix == ".tflite":
-            exported = path.read_bytes()
-        else:
-            import keras
-
-            exported = keras.models.load_model(path, compile=False)
-    if isinstance(exported, (bytes, bytearray)):
-        from keffconvert.export_tflite import predict
-
-        return lambda x: predict(exported, x)
-    if hasattr(exported, "predict"):
-        return lambda x: exported.predict(x, verbose=0)
-    if callable(exported):
-        return exported
-    raise TypeError(f"cannot run a {type(exported).__name__}: expected a Keras model, TFLite bytes, a callable "
-                    "or a path to a SavedModel folder, .tflite or .keras file")
-
-
-def verify_export(source, exported, images=None, *, int8=False, tolerance=DEFAULT_TOLERANCE, min_agreement=None,
-                  samples=32):
-    """Run `exported` and its `source` Keras model on check images and say whether they agree.
-
-    `exported`: a Keras model, TFLite flatbuffer bytes, a callable x -> outputs, or a path to a
-    SavedModel folder, a .tflite file or a .keras/.h5 file.
-    `images`: the check images (the first `samples` are used); None: 8 random images in 0..255, when
-    the source has one input of fixed shape. Float exports must keep max |difference| within
-    `tolerance` x max(1, largest |output| of the source) (`int8=True`: not applied, quantisation
-    differs by design); `min_agreement` (a share, 0..1) is the least top-1 agreement, for any export.
-    Non-finite outputs always fail.
-
-    Returns None when there is nothing to check on, else `fidelity.compare_predictions`' dict plus
-    `images` (what they were), `allowed_max_abs_diff` (None for int8), `problems` (one string per
-    failed test) and `passed`.
-    """
-    import numpy as np
-
-    from keffconvert.fidelity import compare_predictions
-
-    shape = tuple(source.inputs[0].shape[1:]) if len(source.inputs) == 1 else None
-    if images is None:
-        if shape is None or None in shape:
-            return None
-        images = np.random.default_rng(0).uniform(0, 255, (8,) + shape).astype("float32")
-        what = "random images"
-    else:
-        images = images[:samples]
-        what = "calibration images"
-    want = np.asarray(source.predict(images, verbose=0))
-    got = np.asarray(_predictor(exported)(images))
-    if got.shape != want.shape:
-        problems = [f"outputs of shape {got.shape}, MODEL gives {want.shape}"]
-        return {"samples": len(images), "images": what, "allowed_max_abs_diff": None, "problems": problems,
-                "passed": False}
-    result = compare_predictions(want, got)
-    result["images"] = what
-    problems = []
-    if not np.all(np.isfinite(got)):
-        problems.append("non-finite outputs (NaN or inf)")
-    allowed = None
-    if not int8:
-        allowed = float(tolerance * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0))
-        if not result["max_abs_diff"] <= allowed:  # NaN fails too
-            problems.append(f"max |difference| {result['max_abs_diff']:.2e} > {allowed:.2e} allowed")
-    if min_agreement is not None and "top1_agreement" in result and not result["top1_agreement"] >= min_agreement:
-        problems.append(f"top-1 agreement {result['top1_agreement']:.1%} < {min_agreement:.1%}")
-    result.update(allowed_max_abs_diff=allowed, problems=problems, passed=not problems)
-    return result
-
-
-def describe_check(result, int8=False):
-    """One line for the result of `verify_export`."""
-    if result is None:
-        return "check skipped: the model input has no fixed shape; pass --calibration DATA to check"
-    if "max_abs_diff" not in result:
-        return f"check on {result['samples']} {result['images']}: {'; '.join(result['problems'])}"
-    allowed = result["allowed_max_abs_diff"]
-    limit = f", allowed {allowed:.2e}" if allowed is not None else ""
-    top1 = f", top-1 agreement {result['top1_agreement']:.1%}" if "top1_agreement" in result else ""
-    verdict = "" if result["passed"] else " -- DISAGREES"
-    note = " (int8: differences are expected)" if int8 and result["passed"] else ""
-    return (f"check on {result['samples']} {result['images']}: max |difference| {result['max_abs_diff']:.2e}"
-            f"{limit}{top1}{note}{verdict}")
-
-
-def _save_saved_model_checked(model, output, force, check):
-    """Write the SavedModel into a hidden folder beside `output`, `check` it there, and only then
-    move it to `output` (replacing an old one with --force); a failed check leaves nothing."""
-    import os
-    import shutil
-    import tempfile
-
-    from keffconvert.errors import OutputError
-    from keffconvert.export import save_saved_model
-    from keffconvert.outputs import check_writable_dir
-
-    output = check_writable_dir(output, force)
-    folder = output.parent if str(output.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=folder))
-    try:
-        staged = save_saved_model(model, staging / "model")
-        check(staged)
-        old = staging / "old" if output.exists() else None
-        if old is not None:
-            os.replace(output, old)
-        try:
-            os.replace(staged, output)
-        except OSError:
-            if old is not None:
-                os.replace(old, output)
-            raise
-    except OSError as error:
-        raise OutputError(f"could not write {output}: {error.strerror or error}") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output
 
 
 def _size(path):
