@@ -1,9 +1,14 @@
-"""Start the Keras backend without TensorFlow's start-up chatter on stderr.
+"""Start the Keras backend without TensorFlow's start-up chatter on stderr: for the command line.
 
 TensorFlow 2.21 prints oneDNN and CUDA-probe INFO lines from C++ (absl) at import and first
 device query, and no environment variable silences them any more. With TF_CPP_MIN_LOG_LEVEL >= 2
-(keffconvert's default) they are dropped by pointing fd 2 at /dev/null for those two steps only;
-Python exceptions are unaffected. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+(the `keffconvert` command's default) they are dropped by pointing fd 2 at /dev/null for those two
+steps only; Python exceptions are unaffected. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+
+Only the command does this (`keffconvert.cli.main` calls `start_backend` before any command
+imports Keras): a program that imports keffconvert owns its stderr, and importing keffconvert
+never redirects it. `quiet_stderr` is also used around TFLite conversion, which prints the same
+way.
 """
 
 import contextlib
@@ -34,6 +39,9 @@ def quiet_stderr():
 
 
 def start_backend():
+    """Import Keras and its TensorFlow backend and probe the devices, without their C++ log lines.
+
+    Does nothing once Keras is imported (the lines are printed by then)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "keras" in sys.modules:
         return

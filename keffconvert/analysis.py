@@ -15,6 +15,7 @@ from keffconvert.graph import Graph, functional_view, is_graph_model
 from keffconvert.layer_kinds import (is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm,
                                      is_plain_conv2d)
 from keffconvert.macs import layer_macs, model_macs
+from keffconvert.model_info import count_weights, input_shape
 from keffconvert.plan import LayerPlan, Plan
 from keffconvert.replacement import describe, dropped_settings
 
@@ -78,12 +79,12 @@ def analyze(model, channels_per_group=16, include=None, exclude=None):
             "rebuild it as a Functional or Sequential model"
         )
     analysis = Analysis(plan=Plan(model_name=model.name, channels_per_group=channels_per_group,
-                                  input_shape=_input_shape(model)), model=model)
+                                  input_shape=_plan_input_shape(model)), model=model)
     walker = _Walker(analysis, channels_per_group, include or [], exclude or [])
     walker.walk(model, prefix="", trainable=model.trainable)
     plan = analysis.plan
-    plan.trainable_params_before = _count(model.trainable_weights)
-    plan.total_params_before = _count(model.weights)
+    plan.trainable_params_before = count_weights(model.trainable_weights)
+    plan.total_params_before = count_weights(model.weights)
     plan.trainable_params_after = plan.trainable_params_before + sum(
         e.trainable_after - e.trainable_before for e in plan.layers if e.converted)
     plan.total_params_after = plan.total_params_before + sum(
@@ -189,8 +190,8 @@ def _follow_chain(graph, node, conv):
 
 def _fill_unchanged(entry, conv, node, trainable):
     """A skipped conv keeps its parameters and MACs; a converted one overwrites these."""
-    entry.total_before = entry.total_after = _count(conv.weights)
-    entry.trainable_before = entry.trainable_after = _count(conv.trainable_weights) if trainable else 0
+    entry.total_before = entry.total_after = count_weights(conv.weights)
+    entry.trainable_before = entry.trainable_after = count_weights(conv.trainable_weights) if trainable else 0
     entry.macs_before = entry.macs_after = layer_macs(conv, node.input_tensors[0].shape, node.outputs[0].shape)
 
 
@@ -206,8 +207,8 @@ def _fill_entry(entry, chain, out_shape, groups, trainable):
     entry.activation = _activation_name(chain)
     entry.dropped_settings = dropped_settings(chain.conv)
     old = [layer for layer in (chain.conv, chain.bn) if layer is not None]
-    entry.total_before = sum(_count(layer.weights) for layer in old)
-    entry.trainable_before = sum(_count(layer.trainable_weights) for layer in old) if trainable else 0
+    entry.total_before = sum(count_weights(layer.weights) for layer in old)
+    entry.trainable_before = sum(count_weights(layer.trainable_weights) for layer in old) if trainable else 0
     sizes = [size for layer in chain.new_layers for size in layer.weight_sizes()]
     entry.total_after = sum(n for n, _ in sizes)
     entry.trainable_after = sum(n for n, train in sizes if train) if trainable else 0
@@ -246,18 +247,6 @@ def _matches(short_name, path, patterns):
     return any(fnmatch.fnmatchcase(short_name, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def _input_shape(model):
-    try:
-        return list(model.inputs[0].shape[1:])
-    except (AttributeError, IndexError, ValueError):
-        return None
-
-
-def _count(weights):
-    total = 0
-    for w in weights:
-        n = 1
-        for d in w.shape:
-            n *= d
-        total += n
-    return total
+def _plan_input_shape(model):
+    shape = input_shape(model)
+    return None if shape is None else list(shape)  # a list in the plan's JSON

@@ -241,10 +241,6 @@ class Measurement:
         return asdict(self)
 
 
-def _count(weights):
-    return int(sum(math.prod(int(d) for d in w.shape) for w in weights))
-
-
 def _check_measurable(model):
     import keras
 
@@ -255,14 +251,6 @@ def _check_measurable(model):
             f"model {model.name!r} is not built, so it has no parameters to count; "
             "give it an input shape (keras.Input(shape=...)) or call it once"
         )
-
-
-def _input_shape(model):
-    try:
-        shape = model.inputs[0].shape
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return None
-    return list(shape[1:])
 
 
 def measure(model, *, as_converted=False, channels_per_group=16, macs=True):
@@ -283,6 +271,8 @@ def measure(model, *, as_converted=False, channels_per_group=16, macs=True):
             input_shape=plan.input_shape, as_converted=True, channels_per_group=channels_per_group,
             trainable_params_original=plan.trainable_params_before,
         )
+    from keffconvert.model_info import count_params, input_shape
+
     count = None
     if macs:
         from keffconvert.graph import is_graph_model
@@ -290,8 +280,10 @@ def measure(model, *, as_converted=False, channels_per_group=16, macs=True):
 
         if is_graph_model(model):
             count = model_macs(model)
-    return Measurement(model_name=model.name, trainable_params=_count(model.trainable_weights),
-                       total_params=_count(model.weights), macs=count, input_shape=_input_shape(model))
+    trainable, total = count_params(model)
+    shape = input_shape(model)
+    return Measurement(model_name=model.name, trainable_params=trainable, total_params=total, macs=count,
+                       input_shape=None if shape is None else list(shape))
 
 
 def reduction_pct(trainable, baseline_trainable):

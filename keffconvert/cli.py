@@ -13,6 +13,7 @@ import traceback
 
 import click
 
+from keffconvert._quiet import start_backend
 from keffconvert.errors import INTERNAL_ERROR, INTERRUPTED, KeffError, exit_codes_help
 
 EXIT_CODES = exit_codes_help()
@@ -130,6 +131,9 @@ _register()
 
 
 def main():
+    """The `keffconvert` command. Starts Keras first, without TensorFlow's start-up lines on stderr
+    (keffconvert._quiet); only the command does that, never `import keffconvert`."""
+    start_backend()
     cli(prog_name="keffconvert")
 
 

@@ -4,6 +4,8 @@ from keffconvert.analysis import analyze
 from keffconvert.rewrite import Rewriter
 from keffconvert.weights import copy_kept, transfer_chain
 
+__all__ = ["convert"]
+
 
 def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run=False,
             transfer_weights=True, calibration=None, calibration_rounds=3, progress=None):

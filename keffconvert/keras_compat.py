@@ -4,8 +4,9 @@ Keras 3 has no public API for these: the graph behind a Functional or Sequential
 layer that produced a symbolic tensor, turning safe mode off for one block, the epoch `fit`
 resumes from. Private names can move in any Keras release, so nothing else in keffconvert
 touches `keras.src` or an underscore attribute of a Keras object; when Keras is upgraded this
-module is the one to check. Each function says the Keras version it was checked on (the
-version CI installs, see pyproject.toml) and where the name lives there.
+module is the one to check. Each function says the Keras version it was checked on (the one
+CI installs, see pyproject.toml) and where the name lives there; every one of them is also in
+3.14.0, the lower bound there.
 
 Not here, because they cannot be a function: `train.AtomicBackupAndRestore` overrides the hooks
 of `keras.callbacks.BackupAndRestore` (`_save_model`, `_load_model`, `_current_epoch`; checked on

@@ -11,26 +11,26 @@ unchanged.
 How the two run (the kernels), and why
 --------------------------------------
 Every way of computing a grouped 1x1 convolution gives the same numbers (tests/test_kernels.py);
-they differ only in speed. `benchmarks/bench_kernels.py` runs every grouped layer of a converted
-EfficientNet-B0 with each kernel, alternating the kernels in one process. On the TensorFlow CPU
-backend (oneDNN, 2 cores, under background load), time relative to ``einsum``, all grouped
-layers of B0 together:
+they differ only in speed:
 
-=============  ==============================================  ==============  =============
-name           what it runs                                    train 32x32     infer 224x224
-                                                               b64, fwd+bwd    b16, forward
-=============  ==============================================  ==============  =============
-``einsum``     ``einsum('ngc,gcf->ngf')`` over the groups      1.00            1.00
-``matmul``     transpose to (g, N, C/g), batched matmul,       0.84            0.86
-               transpose back
-``blockdiag``  one dense (C, F) matmul with the block-         0.61            0.63
-               diagonal kernel (g times the multiply-adds)
-``broadcast``  multiply and sum over C/g                       3.3             5.3
-``conv``       ``ops.conv`` with the (1, 1, C/g, F) kernel,    15              2.4
-               i.e. Conv2D(groups): slow on the CPU, its
-               gradient most of all (METHOD.md)
-``auto``       per layer, the rule below                       0.63            0.60
-=============  ==============================================  ==============  =============
+=============  ===============================================================================
+name           what it runs
+=============  ===============================================================================
+``einsum``     ``einsum('ngc,gcf->ngf')`` over the groups
+``matmul``     transpose to (g, N, C/g), batched matmul, transpose back
+``blockdiag``  one dense (C, F) matmul with the block-diagonal kernel (g times the multiply-adds)
+``broadcast``  multiply and sum over C/g
+``conv``       ``ops.conv`` with the (1, 1, C/g, F) kernel, i.e. Conv2D(groups): slow on the CPU,
+               its gradient most of all (METHOD.md)
+``auto``       per layer, the rule below
+=============  ===============================================================================
+
+`python benchmarks/bench_kernels.py` times each of them on every grouped layer of a converted
+EfficientNet-B0 (and each interleave on every InterleaveChannels layer), alternating them in one
+process, for training at 32x32 and inference at 224x224; `--per-shape` times each layer shape
+on its own. The script prints the full table (`--out` writes it as JSON) and README.md, "Speed",
+quotes the headline ratios; no figure is copied here, where it would go stale. What they show on
+the TensorFlow CPU backend, and why:
 
 At these sizes the layers are memory-bound: the dense matmul's g-fold extra multiply-adds cost
 less than the transposes ``matmul`` needs, until the dense kernel is large enough for the
@@ -42,16 +42,15 @@ only (`choose_implementation`):
 * C*F / (C+F) <= 100 (memory-bound matmul)  -> ``blockdiag``
 * otherwise (the 7x7, 1152-channel layers)  -> ``matmul``
 
-(In a whole-model training step ``auto`` and ``blockdiag`` tie; at 224x224 ``auto`` is the
-faster, ``matmul`` winning the 7x7 layers with 1152 channels. The rule comes from the per-shape
-table, `bench_kernels.py --per-shape`. On other backends the same rule runs; it was measured on
+(In a whole-model training step, `benchmarks/bench_speed.py`, ``auto`` and ``blockdiag`` tie;
+at 224x224 ``auto`` is the faster, ``matmul`` winning the 7x7 layers with 1152 channels. The
+rule comes from the per-shape figures. On other backends the same rule runs; it was measured on
 TensorFlow only.)
 
 For the interleave, ``transpose`` (reshape, transpose, reshape) beats ``take`` (a gather with
-the permutation; 2.2x the time in training, 2.8x in inference) and K-CAI's strided slices
-plus concatenate (17x to 26x), so it is the default. The reshapes use static shapes
-`(-1, H, W, C)` whenever H and W are known: no shape-computing ops in the graph, which TFLite
-needs to keep the layer inside its XNNPACK delegate.
+the permutation) and, by far, K-CAI's strided slices plus concatenate, so it is the default.
+The reshapes use static shapes `(-1, H, W, C)` whenever H and W are known: no shape-computing
+ops in the graph, which TFLite needs to keep the layer inside its XNNPACK delegate.
 
 Folding the interleave into the next layer's weights is exact when that layer mixes all
 channels (a dense Conv2D or Dense: reorder its kernel's input rows) or is per-channel

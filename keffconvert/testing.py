@@ -11,6 +11,8 @@ The same limits and messages as `keffconvert check` (both use `keffconvert.budge
 
 from keffconvert.budget import budget_from_mapping, check_model
 
+__all__ = ["assert_within_budget"]
+
 
 def _as_model(model, classes, input_size, unsafe):
     import keras

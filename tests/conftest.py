@@ -14,6 +14,9 @@ LEGACY = FIXTURES / "legacy"
 
 
 def count(weights):
+    """How many numbers `weights` hold. Deliberately not `keffconvert.model_info.count_weights`:
+    the tests check keffconvert's counts (plan, check, reports) against this independent re-count,
+    which a bug in the shared helper would otherwise pass on both sides."""
     return int(sum(np.prod(w.shape) for w in weights))
 
 
@@ -41,7 +44,10 @@ def small_cnn(name="small_cnn", activation="relu"):
 
 
 def randomize(model, seed=0):
-    """Give every weight (BN statistics included) non-trivial values, as training would."""
+    """Give every weight (BN statistics included) non-trivial values, as training would.
+
+    Walks nested models itself (seed + 1 for each), independently of keffconvert's own
+    `model_info.leaf_layers`, like `count` above."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.Model):

@@ -493,18 +493,18 @@ def test_damaged_keras3_h5_is_one_line_input_error(tmp_path, damage):
     _assert_one_line_error(excinfo, str(path))
 
 
-LEGACY_DAMAGE = {
-    "unknown layer class": lambda layers: layers[1].update(class_name="NoSuchLayer"),
-    "bad constructor argument": lambda layers: layers[1]["config"].update(filters="four"),
-    "inbound layer missing": lambda layers: layers[2].update(inbound_nodes=[[["nowhere", 0, 0, {}]]]),
-    "output index out of range": lambda layers: layers[-1].update(inbound_nodes=[[["pool", 7, 0, {}]]]),
+LEGACY_DAMAGE = {  # name: change to the model's config
+    "unknown layer class": lambda config: config["layers"][1].update(class_name="NoSuchLayer"),
+    "bad constructor argument": lambda config: config["layers"][1]["config"].update(filters="four"),
+    "inbound layer missing": lambda config: config["layers"][2].update(inbound_nodes=[[["nowhere", 0, 0, {}]]]),
+    "output index out of range": lambda config: config.update(output_layers=[["dense", 5, 0]]),
 }
 
 
 @pytest.mark.parametrize("damage", LEGACY_DAMAGE)
 def test_damaged_legacy_config_is_one_line_input_error(tmp_path, damage):
     config = _kcai_legacy_config()
-    LEGACY_DAMAGE[damage](config["config"]["layers"])
+    LEGACY_DAMAGE[damage](config["config"])
     path = tmp_path / "damaged_legacy.h5"
     _write_legacy_h5(path, config, _kcai_weights())
     with pytest.raises(InputError) as excinfo:
