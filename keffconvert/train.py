@@ -44,6 +44,9 @@ from keffconvert.loading import MODEL_SUFFIXES, is_model_path
 from keffconvert.model_info import count_params, input_shape, leaf_layers
 from keffconvert.outputs import save_model, write_json
 
+__all__ = ["AtomicBackupAndRestore", "BestCheckpoint", "Distiller", "EpochLog", "Recipe", "ends_in_softmax",
+           "guess_input_scale", "rebuild", "recipe_from_options", "train"]
+
 RUN_FORMAT = "keffconvert-run/1"
 MODES = ("scratch", "finetune")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
