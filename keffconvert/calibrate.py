@@ -15,6 +15,7 @@ import time
 import keras
 import numpy as np
 
+from keffconvert.coupling import choose_order, find_regions, permute_region
 from keffconvert.fit import ChainFit, ChainStats, folded_map, layer_weights
 from keffconvert.graph import Graph, functional_view, is_graph_model
 from keffconvert.weights import output_order
@@ -22,12 +23,15 @@ from keffconvert.weights import output_order
 DEFAULT_SAMPLES = 512
 
 
-def calibrate(analysis, replacements, images, *, batch_size=64, rounds=3, progress=None):
+def calibrate(analysis, replacements, clones, images, *, batch_size=64, rounds=3, regroup=True, progress=None):
     """Fit each replacement in `replacements` ({id(conv): Replacement}) on `images`.
 
     Args:
         analysis: the `Analysis` of the original model (its chains are the ones replaced).
         replacements: the built replacement layers, already holding the transferred weights.
+        clones: {id(original layer): its copy in the converted model} for the kept layers.
+        regroup: reorder the channels of each coupling region (`keffconvert.coupling`) so each
+            filter lands in the group that reproduces it best.
         images: calibration inputs, as the model takes them (float32, already scaled).
         batch_size: images per layer call (bounds the memory of one call, not of the walk).
         rounds: K/L alternations for linear chains that have an L.
@@ -39,7 +43,7 @@ def calibrate(analysis, replacements, images, *, batch_size=64, rounds=3, progre
         calibration images, for the fitted replacement and for the plain block-diagonal slices.
     """
     start = time.time()
-    walker = _Walker(analysis, replacements, batch_size, rounds, progress)
+    walker = _Walker(analysis, replacements, clones, batch_size, rounds, regroup, progress)
     x = np.asarray(images, "float32")
     model = analysis.model
     walker.run_level(model, [x], [x], prefix="")
@@ -47,9 +51,13 @@ def calibrate(analysis, replacements, images, *, batch_size=64, rounds=3, progre
 
 
 class _Walker:
-    def __init__(self, analysis, replacements, batch_size, rounds, progress):
+    def __init__(self, analysis, replacements, clones, batch_size, rounds, regroup, progress):
         self.analysis = analysis
         self.replacements = replacements
+        self.clones = clones
+        self.regroup = regroup
+        self.regions = {}  # id(conv) -> Region, for the level being walked
+        self.orders = {}  # id(Region) -> channel order chosen at its first chain
         self.batch_size = batch_size
         self.rounds = rounds
         self.progress = progress
@@ -66,6 +74,8 @@ class _Walker:
             for tensor in node.input_tensors:
                 pending[id(tensor)] = pending.get(id(tensor), 0) + 1
         keep = {id(t) for t in keras.tree.flatten(view.outputs)}
+        if self.regroup:
+            self.regions.update(find_regions(graph, self.analysis))
 
         for node in graph.nodes:
             layer = node.operation
@@ -81,7 +91,8 @@ class _Walker:
                     x_conv, x_orig = conv[id(node.input_tensors[0])], orig[id(node.input_tensors[0])]
                     conv[id(chain.layers[-1].output)] = self._fit(chain, x_conv, x_orig, prefix)
                 elif not self.analysis.is_absorbed(layer):
-                    conv.update(zip((id(t) for t in node.outputs), self._call(layer, node, conv)))
+                    clone = self.clones.get(id(layer), layer)
+                    conv.update(zip((id(t) for t in node.outputs), self._call(clone, node, conv)))
                 orig.update(zip((id(t) for t in node.outputs), self._call(layer, node, orig)))
             for tensor in node.input_tensors:
                 pending[id(tensor)] -= 1
@@ -106,6 +117,7 @@ class _Walker:
 
     def _fit(self, chain, x_conv, x_orig, prefix):
         """Fit one chain's replacement and return its output on the converted network's values."""
+        started = time.time()
         entry = chain.entry
         replacement = self.replacements[id(chain.conv)]
         stats = ChainStats(entry.in_channels)
@@ -113,10 +125,14 @@ class _Walker:
             stats.add(x_conv[start:start + self.batch_size], x_orig[start:start + self.batch_size])
         linear = chain.act is None and chain.conv.activation is keras.activations.linear
         intercept = chain.bn is not None or chain.conv.use_bias
-        order = None if entry.second_conv else output_order(entry)
-        fitter = ChainFit(stats, folded_map(chain.conv, chain.bn), entry.groups, intercept=intercept,
-                          fit_l=entry.second_conv and linear, order=order)
-        slices = fitter.relative_error(fitter.target * fitter.k_mask, None)
+        target = folded_map(chain.conv, chain.bn)
+        options = dict(intercept=intercept, fit_l=entry.second_conv and linear)
+        positions = np.arange(entry.filters) if entry.second_conv else output_order(entry)
+        fitter = ChainFit(stats, target, entry.groups, order=positions, **options)
+        slices = fitter.relative_error(fitter.target * fitter.k_mask, None)  # the plain conversion's K
+        channel_order = self._channel_order(chain, stats, target, options)
+        if np.any(channel_order != np.arange(entry.filters)):
+            fitter = ChainFit(stats, target, entry.groups, order=channel_order[positions], **options)
         fit = fitter.run(self.rounds)
         epsilon = chain.bn.epsilon if chain.bn is not None else None
         use_bias = chain.conv.use_bias
@@ -132,9 +148,25 @@ class _Walker:
             if l_bn is not None:
                 replacement.l_bn.set_weights(l_bn)
         name = f"{prefix}{chain.conv.name}"
-        self.results[name] = {"relative_error": fit.relative_error, "slices_error": slices}
+        self.results[name] = {"relative_error": fit.relative_error, "slices_error": slices,
+                              "regrouped": bool(np.any(channel_order != np.arange(entry.filters))),
+                              "fit_time_s": round(time.time() - started, 3)}
         if self.progress is not None:
             self.progress(name, fit.relative_error)
         out = [keras.ops.convert_to_numpy(replacement(x_conv[s:s + self.batch_size]))
                for s in range(0, len(x_conv), self.batch_size)]
         return np.concatenate(out)
+
+    def _channel_order(self, chain, stats, target, options):
+        """The order of the chain's output channels in the converted model (identity outside a
+        coupling region); chosen, and applied to the region's per-channel layers, at its first chain."""
+        filters = chain.entry.filters
+        region = self.regions.get(id(chain.conv))
+        if region is None:
+            return np.arange(filters)
+        if region.producers[0] is chain:
+            explained = ChainFit(stats, target, chain.entry.groups, **options).explained_by_group()
+            perm = choose_order(explained, chain.entry.groups)
+            self.orders[id(region)] = perm
+            permute_region(region, perm, self.clones)
+        return self.orders[id(region)]

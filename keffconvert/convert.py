@@ -48,15 +48,15 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
         for chain, replacement in rewriter.replacements:
             transfer_chain(chain, replacement)
     if calibration is not None:
-        _fit(analysis, rewriter.replacements, calibration, calibration_rounds, progress)
+        _fit(analysis, rewriter.replacements, rewriter.cloned, calibration, calibration_rounds, progress)
     return new_model, analysis.plan
 
 
-def _fit(analysis, replacements, images, rounds, progress):
+def _fit(analysis, replacements, cloned, images, rounds, progress):
     from keffconvert.calibrate import calibrate
 
-    result = calibrate(analysis, {id(chain.conv): r for chain, r in replacements}, images, rounds=rounds,
-                       progress=progress)
+    result = calibrate(analysis, {id(chain.conv): r for chain, r in replacements},
+                       {id(original): clone for clone, original in cloned}, images, rounds=rounds, progress=progress)
     for entry in analysis.plan.converted:
         errors = result["layers"].get(entry.name)
         if errors is not None:

@@ -6,12 +6,26 @@ from rich.table import Table
 PLAN_COLUMNS = ["layer", "C", "F", "groups", "interleave", "L", "params before", "params after", "note"]
 
 
+FIT_COLUMN = "fit error (slices -> fitted)"
+
+
+def plan_columns(plan):
+    return PLAN_COLUMNS + ([FIT_COLUMN] if plan.calibration else [])
+
+
+def _fit_cell(entry):
+    if entry.reconstruction_error is None:
+        return "-"
+    return f"{entry.slices_error:.3f} -> {entry.reconstruction_error:.3f}"
+
+
 def plan_rows(plan, skipped=True):
     """One row of strings per Conv2D of the plan (converted first if `skipped` is False)."""
     rows = []
     for e in plan.layers:
         if not e.converted and not skipped:
             continue
+        fit = [_fit_cell(e)] if plan.calibration else []
         rows.append([
             e.name, str(e.in_channels), str(e.filters),
             str(e.groups) if e.converted else "-",
@@ -19,7 +33,7 @@ def plan_rows(plan, skipped=True):
             "yes" if e.second_conv else "-",
             f"{e.trainable_before:,}", f"{e.trainable_after:,}",
             _note(e),
-        ])
+        ] + fit)
     return rows
 
 
@@ -39,6 +53,12 @@ def totals_lines(plan):
         f"({-plan.reduction_pct:+.2f}%)",
         f"all parameters:       {plan.total_params_before:,} -> {plan.total_params_after:,}",
     ]
+    if plan.calibration:
+        fitted = [e for e in plan.converted if e.reconstruction_error is not None]
+        mean = sum(e.reconstruction_error for e in fitted) / max(len(fitted), 1)
+        slices = sum(e.slices_error for e in fitted) / max(len(fitted), 1)
+        lines.append(f"data-aware fit on {plan.calibration['samples']} images in {plan.calibration['time_s']:.0f} s: "
+                     f"mean relative error per layer {slices:.3f} (block-diagonal slices) -> {mean:.3f} (fitted)")
     lines += [f"kept as it is: {kept['name']} ({kept['type']}): {kept['reason']}" for kept in plan.kept_models]
     if plan.macs_before is not None:
         lines.append(f"multiply-accumulates: {plan.macs_before:,} -> {plan.macs_after:,} "
@@ -48,7 +68,8 @@ def totals_lines(plan):
     if plan.fidelity:
         f = plan.fidelity
         agree = f.get("top1_agreement")
-        lines.append(f"before training, on {f['samples']} images: "
+        where = "held-out images the fit did not see" if plan.calibration else "images"
+        lines.append(f"before training, on {f['samples']} {where}: "
                      + (f"top-1 agreement with the original {100 * agree:.1f}%, " if agree is not None else "")
                      + ("output correlation " + (f"{f['correlation']:.3f}" if f.get("correlation") is not None
                                                  else "undefined (constant outputs)")))
@@ -65,8 +86,8 @@ def make_console():
 def print_plan(plan, console=None, skipped=True):
     console = console or make_console()
     table = Table(title=f"kEffNet plan for {plan.model_name}", show_lines=False)
-    for column in PLAN_COLUMNS:
-        numeric = column in ("C", "F", "groups", "interleave", "params before", "params after")
+    for column in plan_columns(plan):
+        numeric = column in ("C", "F", "groups", "interleave", "params before", "params after", FIT_COLUMN)
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in plan_rows(plan, skipped):
         table.add_row(*row)
@@ -77,6 +98,7 @@ def print_plan(plan, console=None, skipped=True):
 
 def plan_markdown(plan, skipped=True):
     """The per-layer table as GitHub Markdown."""
-    lines = ["| " + " | ".join(PLAN_COLUMNS) + " |", "|" + "---|" * len(PLAN_COLUMNS)]
+    columns = plan_columns(plan)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in plan_rows(plan, skipped)]
     return "\n".join(lines)

@@ -27,6 +27,12 @@ def default_output(source):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the plan as JSON here.")
 @click.option("--fidelity-data", default=None, metavar="DATA",
               help="Measure agreement with the original before training on DATA: an .npz with x (or x_test), or 'digits'.")
+@click.option("--calibration", metavar="DATA", default=None,
+              help="Fit every replacement to the original on DATA's training images ('digits', an .npz, an image "
+                   "folder) so the converted model keeps what the original learned; agreement is then measured "
+                   "on DATA's test images.")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="How many training images the fit uses.")
 @click.option("--no-weights", is_flag=True, help="Do not transfer the original's weights (fresh initialisation).")
 @click.option("--classes", type=click.IntRange(min=1), default=None, help="Classes, for a built-in model name.")
 @click.option("--input-size", type=click.IntRange(min=8), default=None, help="Square input side, for a built-in model name.")
@@ -34,7 +40,7 @@ def default_output(source):
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--quiet", "-q", is_flag=True, help="Print the totals only, not the per-layer table.")
 def convert_command(model, channels_per_group, output, dry_run, include, exclude, report_path, fidelity_data,
-                    no_weights, classes, input_size, unsafe, force, quiet):
+                    calibration, calibration_samples, no_weights, classes, input_size, unsafe, force, quiet):
     """Convert MODEL's eligible 1x1 convolutions to the kEffNet sub-architecture."""
     from keffconvert.convert import convert
     from keffconvert.display import print_plan
@@ -45,13 +51,23 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
         check_writable(output, force)  # fail before the slow part
     if report_path:
         check_writable(report_path, force)
+    if calibration and no_weights:
+        raise click.UsageError("--calibration fits the original's weights; it cannot go with --no-weights")
     source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
+    images = None
+    if calibration and not dry_run:
+        from keffconvert.model_inputs import calibration_images
+
+        images = calibration_images(calibration, source, samples=calibration_samples)
+        click.echo(f"calibration: {images.description}")
     new_model, plan = convert(source, channels_per_group, include=list(include), exclude=list(exclude),
-                              dry_run=dry_run, transfer_weights=not no_weights)
-    if new_model is not None and fidelity_data:
+                              dry_run=dry_run, transfer_weights=not no_weights,
+                              calibration=images.calibration if images is not None else None)
+    if new_model is not None and (fidelity_data or images is not None):
         from keffconvert.fidelity import agreement, probe_images
 
-        plan.fidelity = agreement(source, new_model, probe_images(fidelity_data, source))
+        probe = probe_images(fidelity_data, source) if fidelity_data else images.held_out
+        plan.fidelity = agreement(source, new_model, probe)
     print_plan(plan, skipped=not quiet)
     wrote = None
     if not plan.converted:
