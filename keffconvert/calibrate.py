@@ -21,6 +21,10 @@ from keffconvert.graph import Graph, functional_view, is_graph_model
 from keffconvert.weights import output_order
 
 DEFAULT_SAMPLES = 512
+# Pixels of one chain's input whose statistics are accumulated: a (C+1)^2 second-moment matrix
+# is estimated well from far fewer rows than 512 images at 112x112 give (6.4M), so large layers
+# use a seeded random subset of this many.
+MAX_PIXELS = 1_000_000
 
 
 def calibrate(analysis, replacements, clones, images, *, batch_size=64, rounds=3, regroup=True, progress=None):
@@ -121,8 +125,16 @@ class _Walker:
         entry = chain.entry
         replacement = self.replacements[id(chain.conv)]
         stats = ChainStats(entry.in_channels)
+        pixels_per_image = int(np.prod(x_conv.shape[1:-1]))
+        keep = min(1.0, MAX_PIXELS / max(1, pixels_per_image * len(x_conv)))
+        rng = np.random.default_rng(len(self.results))
         for start in range(0, len(x_conv), self.batch_size):
-            stats.add(x_conv[start:start + self.batch_size], x_orig[start:start + self.batch_size])
+            xc = x_conv[start:start + self.batch_size].reshape(-1, entry.in_channels)
+            xo = x_orig[start:start + self.batch_size].reshape(-1, entry.in_channels)
+            if keep < 1.0:
+                rows = rng.random(len(xc)) < keep
+                xc, xo = xc[rows], xo[rows]
+            stats.add(xc, xo)
         linear = chain.act is None and chain.conv.activation is keras.activations.linear
         intercept = chain.bn is not None or chain.conv.use_bias
         target = folded_map(chain.conv, chain.bn)

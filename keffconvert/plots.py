@@ -67,10 +67,19 @@ def plot_training_curves(report, path):
     drawn = False
     for m in report["models"]:
         history = m.get("history") or []
+        color = COLORS.get(m["role"], None)
+        if m.get("reference") and m.get("test_accuracy") is not None:
+            ax.axhline(100 * m["test_accuracy"], color=color, linestyle="-.", linewidth=1,
+                       label=f"{m['name']} test (as it is)")
+            drawn = True
         if not history:
             continue
-        color = COLORS.get(m["role"], None)
+        if m.get("initial"):  # epoch 0: the converted model before any training
+            history = [{"epoch": 0, **m["initial"]}] + list(history)
         epochs = [e["epoch"] for e in history]
+        if any("test_accuracy" in e for e in history):
+            ax.plot(epochs, [100 * e.get("test_accuracy", float("nan")) for e in history], color=color,
+                    marker="s", markersize=3, linestyle="-", alpha=0.8, label=f"{m['name']} test")
         if any("val_accuracy" in e for e in history):
             ax.plot(epochs, [100 * e.get("val_accuracy", float("nan")) for e in history], color=color,
                     marker="o", markersize=3, label=f"{m['name']} validation")

@@ -62,7 +62,8 @@ def build_report(*, source, mode, plan, results, data, recipe, settings, environ
 
 
 def _model_entry(result, *, role, name, trainable, total, macs, reduction):
-    entry = {"role": role, "name": name, "trained": result is not None, "trainable_params": trainable,
+    entry = {"role": role, "name": name, "trained": result is not None and not result.get("reference"),
+             "trainable_params": trainable,
              "total_params": total, "macs": macs, "reduction_pct": reduction,
              "test_accuracy": None, "test_loss": None}
     if result is not None:
@@ -138,10 +139,17 @@ def render_markdown(report):
     lines.append(f"- Validation split: {data.get('val_source', '?')}.")
     lines.append(f"- Test split: {data.get('test_source', '?')}.")
     for m in report["models"]:
+        if m.get("reference"):
+            lines.append(f"- {m['name']}: used as it is (fine-tuning does not retrain it).")
         if m["trained"]:
             lines.append(f"- {m['name']}: best epoch {m['best_epoch']} of {m['epochs']} "
                          f"(validation accuracy {100 * m['best_val_accuracy']:.2f}%), "
                          f"training {m['train_time_s']:.0f} s.")
+        if m.get("initial"):
+            lines.append(f"- {m['name']} before training (epoch 0): validation accuracy "
+                         f"{100 * m['initial']['val_accuracy']:.2f}%, test accuracy "
+                         f"{100 * m['initial']['test_accuracy']:.2f}%.")
+        lines += [f"- **Warning** ({m['name']}): {w}." for w in m.get("warnings") or []]
     lines.append(f"- Environment: TensorFlow {env.get('tensorflow')}, Keras {env.get('keras')}, "
                  f"{env.get('device')}, {env.get('precision')}, strategy {env.get('strategy')} "
                  f"({env.get('replicas')} replica(s)); wall time {report['wall_time_s']:.0f} s.")

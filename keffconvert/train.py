@@ -39,6 +39,8 @@ import numpy as np
 from keras import ops
 
 from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
+from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, BatchNormRecalibration, ChanceWarning, TestEveryEpoch,
+                                  freeze_batch_norms)
 from keffconvert.keras_compat import producing_layer, set_initial_epoch
 from keffconvert.loading import MODEL_SUFFIXES, is_model_path
 from keffconvert.model_info import count_params, input_shape, leaf_layers
@@ -84,6 +86,8 @@ class Recipe:
     distill_temperature: float = 4.0
     mixed_precision: str = "auto"  # auto: mixed_float16 when a GPU is visible; "on"; "off"
     strategy: str = "default"  # or "mirrored": tf.distribute.MirroredStrategy
+    bn_mode: str = "train"  # or "frozen", "recalibrate": see keffconvert.finetune
+    track_test: bool = False  # also evaluate the test split after every epoch (curves only)
 
     def learning_rate(self, epoch):
         """The learning rate of `epoch` (0-based): lr * lr_decay ** epoch."""
@@ -105,6 +109,8 @@ class Recipe:
             problems.append("distillation needs --mode finetune (the teacher is the original's trained weights)")
         if self.mixed_precision not in ("auto", "on", "off"):
             problems.append(f"mixed precision must be auto, on or off (got {self.mixed_precision!r})")
+        if self.bn_mode not in BN_MODES:
+            problems.append(f"bn mode must be one of {', '.join(BN_MODES)} (got {self.bn_mode!r})")
         if self.strategy not in ("default", "mirrored"):
             problems.append(f"strategy must be default or mirrored (got {self.strategy!r})")
         if problems:
@@ -121,6 +127,8 @@ class Recipe:
             text += "no augmentation"
         if self.distill_weight > 0:
             text += f", distillation weight {self.distill_weight:g} at temperature {self.distill_temperature:g}"
+        if self.bn_mode != "train":
+            text += f", batch norms {self.bn_mode}"
         return text
 
 
@@ -672,7 +680,7 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
 
 def train(model, data="digits", *, mode="scratch", with_original=False, out=None, recipe=None,
           channels_per_group=16, include=None, exclude=None, image_size=None, input_scale="auto",
-          force=False, unsafe=False, console=None, command=None):
+          calibration="train", calibration_samples=512, force=False, unsafe=False, console=None, command=None):
     """Convert `model`, train the converted model (and the original if `with_original`), report.
 
     Args:
@@ -687,6 +695,11 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
             fixed input size.
         input_scale: pixels fed to the model: 'raw' 0..255, 'unit' 0..1, 'symmetric' -1..1, or
             'auto' ('raw' when the model starts by rescaling, as Keras EfficientNets do).
+        calibration: finetune only: the images the data-aware conversion fits on before training:
+            'train' (default: `calibration_samples` of the training images), another data
+            source ('digits', an .npz, an image folder), or 'none' (the plain block-diagonal
+            slices).
+        calibration_samples: how many calibration images.
         force: start over in a folder holding a finished (or different) run.
         console: a `rich.console.Console` for progress; None prints nothing.
         command: the command line, recorded in the report.
@@ -697,7 +710,7 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     from keffconvert.convert import convert
     from keffconvert.data_tf import INPUT_SCALES, gpu_available, make_dataset, make_strategy
 
-    recipe = recipe or Recipe()
+    recipe = recipe or recipe_from_options(mode)
     if mode not in MODES:
         raise UsageConflict(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
     recipe.validate(mode)
@@ -711,6 +724,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         "channels_per_group": int(channels_per_group), "include": list(include or []),
         "exclude": list(exclude or []), "image_size": image_size, "input_scale": input_scale,
         "recipe": asdict(recipe),
+        "calibration": (os.fspath(calibration) if mode == "finetune" else None),
+        "calibration_samples": int(calibration_samples),
     }))
     resumed = check_run_dir(out, settings, force)
     say = _sayer(console)
@@ -718,8 +733,12 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     source, dataset = load_model_and_data(model, data, image_size=image_size, recipe=recipe, unsafe=unsafe)
     scale = guess_input_scale(source) if input_scale == "auto" else input_scale
     from_logits = not ends_in_softmax(source)
+    images = _calibration(calibration, calibration_samples, source, dataset, scale, recipe.seed) \
+        if mode == "finetune" else None
+    if images is not None:
+        say(f"fitting the conversion to the original on {len(images)} images", highlight=False)
     converted, plan = convert(source, channels_per_group, include=list(include or []),
-                              exclude=list(exclude or []), transfer_weights=(mode == "finetune"))
+                              exclude=list(exclude or []), transfer_weights=(mode == "finetune"), calibration=images)
     if not plan.converted:
         raise UnsupportedModelError(f"{name}: no Conv2D is an eligible 1x1 convolution; nothing to train")
     if mode == "finetune" and isinstance(model, str) and not is_model_path(model):
@@ -752,12 +771,22 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     jobs = ([("original", source, name)] if with_original else []) \
         + [("converted", converted, f"kEffNet-{name} (cpg {channels_per_group})")]
     results = {}
+    if mode == "finetune" and not with_original:
+        results["original"] = _reference(source, name, pipelines["test"])  # as it is, not retrained
+    if mode == "finetune" and plan.fidelity is None:
+        from keffconvert.fidelity import agreement
+        from keffconvert.model_inputs import scale_pixels
+
+        plan.fidelity = agreement(source, converted, scale_pixels(dataset.x_test, scale))
+        say(f"before training: top-1 agreement with the original {100 * plan.fidelity['top1_agreement']:.1f}% "
+            f"on {plan.fidelity['samples']} test images", highlight=False)
     for key, template, label in jobs:
         teacher = source if (key == "converted" and mode == "finetune" and recipe.distill_weight > 0) else None
         try:
             results[key] = _train_one(
                 key, template, label, out / key, recipe=recipe, mode=mode, policy=policy, strategy=strategy,
-                pipelines=pipelines, steps=steps, from_logits=from_logits, teacher=teacher, console=console)
+                pipelines=pipelines, steps=steps, from_logits=from_logits, teacher=teacher, console=console,
+                recalibration_images=_recalibration_images(recipe, dataset, scale), num_classes=dataset.num_classes)
         except KeyboardInterrupt:
             say(f"stopped during {label}; finished epochs are saved in {out}: run the same command to resume",
                 highlight=False)
@@ -770,6 +799,37 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         settings=settings, environment=environment, input_scale=scale, command=command, out=out)
     write_report(report, out)
     return report
+
+
+def _calibration(spec, samples, source, dataset, scale, seed):
+    """Calibration images for the data-aware conversion, or None for the plain slices."""
+    from keffconvert.model_inputs import calibration_images, scale_pixels
+
+    if spec is None or os.fspath(spec) == "none":
+        return None
+    if os.fspath(spec) == "train":
+        picked = np.sort(np.random.default_rng(seed).permutation(len(dataset.x_train))[:samples])
+        return scale_pixels(dataset.x_train[picked], scale)
+    return calibration_images(spec, source, samples=samples, seed=seed, scale=scale).calibration
+
+
+def _recalibration_images(recipe, dataset, scale, samples=512):
+    if recipe.bn_mode != "recalibrate":
+        return None
+    from keffconvert.model_inputs import scale_pixels
+
+    picked = np.sort(np.random.default_rng(recipe.seed + 1).permutation(len(dataset.x_train))[:samples])
+    return scale_pixels(dataset.x_train[picked], scale)
+
+
+def _reference(source, name, test):
+    """The original as it is (fine-tuning does not retrain it): its test accuracy, for comparison."""
+    from keffconvert.finetune import evaluate_accuracy
+
+    trainable, total = count_params(source)
+    return {"key": "original", "name": name, "model_name": source.name, "trainable_params": trainable,
+            "total_params": total, "test_accuracy": evaluate_accuracy(source, test), "test_loss": None,
+            "epochs": 0, "train_time_s": 0.0, "test_time_s": 0.0, "history": [], "reference": True}
 
 
 def _sayer(console):
@@ -792,7 +852,7 @@ def _environment(policy, strategy_name, strategy, gpu):
 
 
 def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, pipelines, steps,
-               from_logits, teacher, console):
+               from_logits, teacher, console, recalibration_images=None, num_classes=None):
     """Train one model in `folder` (resuming there), test its best checkpoint; result dict."""
     done = folder / "result.json"
     say = _sayer(console)
@@ -804,6 +864,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     with dtype_policy(policy), strategy.scope():
         net = rebuild(template, dtype=policy, copy_weights=(mode == "finetune"))
+        if recipe.bn_mode == "frozen":
+            freeze_batch_norms(net)
         trainer = net
         if teacher is not None:
             frozen = rebuild(teacher, dtype=policy, copy_weights=True)
@@ -824,8 +886,13 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         finished = backup.restore(trainer)
     log = EpochLog(folder / "history.json")
     best = BestCheckpoint(net, folder)
+    initial = _initial_accuracy(folder, net, pipelines, mode)
+    chance = ChanceWarning(num_classes or 2, say)
     callbacks = [
         keras.callbacks.LearningRateScheduler(recipe.learning_rate),
+        *([BatchNormRecalibration(net, recalibration_images)] if recalibration_images is not None else []),
+        *([TestEveryEpoch(net, pipelines["test"])] if recipe.track_test else []),
+        chance,
         log, best,
         EpochProgress(label, steps, recipe.epochs, console, best),
         backup,  # last: it snapshots what the callbacks above wrote for the epoch
@@ -855,7 +922,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         "train_time_s": round(sum(e["time_s"] for e in history), 3),
         "test_time_s": round(time.time() - start, 3),
         "checkpoint": f"{key}/best.keras", "history": history,
-        "distilled": teacher is not None,
+        "distilled": teacher is not None, "initial": initial,
+        "warnings": [chance.warning] if chance.warning else [],
     }
     say(f"{label}: test accuracy {100 * test_acc:.2f}%  loss {test_loss:.4f}  "
         f"(best epoch {result['best_epoch']} of {recipe.epochs})", highlight=False)
@@ -864,8 +932,28 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
     return result
 
 
-def recipe_from_options(**options):
-    """A `Recipe` from keyword options, ignoring those that are None (CLI defaults)."""
+def _initial_accuracy(folder, net, pipelines, mode):
+    """Validation and test accuracy before any training (fine-tuning starts from a fitted model),
+    measured once and kept in the run folder so a resumed run reports the same."""
+    if mode != "finetune":
+        return None
+    path = folder / "initial.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from keffconvert.finetune import evaluate_accuracy
+
+    initial = {"val_accuracy": evaluate_accuracy(net, pipelines["val"]),
+               "test_accuracy": evaluate_accuracy(net, pipelines["test"])}
+    write_json(path, initial, force=True)
+    return initial
+
+
+def recipe_from_options(mode="scratch", **options):
+    """A `Recipe` from keyword options, ignoring those that are None (CLI defaults): the paper's
+    values for `scratch`, `FINETUNE_DEFAULTS` over them for `finetune`."""
     known = {f.name for f in fields(Recipe)}
-    return Recipe(**{k: v for k, v in options.items() if k in known and v is not None})
+    given = {k: v for k, v in options.items() if k in known and v is not None}
+    if mode == "finetune":
+        given = {**FINETUNE_DEFAULTS, **given}
+    return Recipe(**given)
 

@@ -1,0 +1,192 @@
+"""How much of what a trained model learned survives conversion, and how fast fine-tuning recovers it.
+
+For one trained original on scikit-learn's digits (trained here with the paper's recipe, or
+given with --original), three ways to reach a converted model, each measured on the test split
+after every epoch (test accuracy is only measured here, never used to pick a checkpoint):
+
+* ``scratch``: the converted architecture trained from fresh weights with the paper's recipe;
+* ``finetune-slices``: fine-tuned (the fine-tuning defaults, distillation included) from the
+  plain conversion (block-diagonal slices of the original's kernels);
+* ``finetune-fitted``: the same from the data-aware conversion (512 calibration images).
+
+It also times the data-aware conversion of EfficientNet-B0 at 224x224 with 512 images against one
+forward pass of the same images (--time-224). Writes a JSON record and a plot of test accuracy
+against epochs.
+
+    python benchmarks/bench_finetune.py --out benchmarks/finetune.json --plot benchmarks/finetune.png
+    python benchmarks/bench_finetune.py --model mobilenetv2 --out benchmarks/finetune_mobilenetv2.json
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARMS = ("scratch", "finetune-slices", "finetune-fitted")
+
+
+def build(name, size=32, classes=10):
+    import keras
+
+    shape = (size, size, 3)
+    if name == "efficientnetb0":
+        return keras.applications.EfficientNetB0(weights=None, classes=classes, input_shape=shape)
+    if name == "mobilenetv2":
+        return keras.applications.MobileNetV2(weights=None, classes=classes, input_shape=shape)
+    if name == "transfer":  # the usual fine-tuning setup: a base inside a Sequential with a new head
+        base = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=shape)
+        return keras.Sequential([keras.Input(shape), base, keras.layers.GlobalAveragePooling2D(),
+                                 keras.layers.Dropout(0.2), keras.layers.Dense(classes, activation="softmax")],
+                                name="transfer_b0")
+    raise SystemExit(f"unknown --model {name}")
+
+
+def train_original(name, epochs, seed, path):
+    """The original, trained from scratch on digits with the paper's recipe (best by validation)."""
+    import keras
+
+    from keffconvert.data import load_dataset
+    from keffconvert.data_tf import augmenter, make_dataset
+    from keffconvert.train import Recipe, guess_input_scale
+
+    recipe = Recipe(epochs=epochs, seed=seed)
+    data = load_dataset("digits", (32, 32), 3, seed=0)
+    keras.utils.set_random_seed(seed)
+    model = build(name)
+    scale = guess_input_scale(model)
+    train = make_dataset(data.x_train, data.y_train, 64, scale=scale, training=True,
+                         augment=augmenter(0.1, 0.1, False, seed), seed=seed)
+    val = make_dataset(data.x_val, data.y_val, 64, scale=scale)
+    model.compile(keras.optimizers.RMSprop(recipe.lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[
+        keras.callbacks.LearningRateScheduler(recipe.learning_rate),
+        keras.callbacks.ModelCheckpoint(str(path), monitor="val_accuracy", save_best_only=True)])
+    return path
+
+
+def run_arm(arm, original, epochs, workdir):
+    from keffconvert.train import recipe_from_options, train
+
+    if arm == "scratch":
+        recipe = recipe_from_options("scratch", epochs=epochs, track_test=True)
+        report = train(str(original), "digits", mode="scratch", recipe=recipe, out=workdir / arm, force=True)
+    else:
+        recipe = recipe_from_options("finetune", epochs=epochs, track_test=True)
+        calibration = "none" if arm == "finetune-slices" else "train"
+        report = train(str(original), "digits", mode="finetune", recipe=recipe, calibration=calibration,
+                       out=workdir / arm, force=True)
+    converted = report["models"][1]
+    initial = converted.get("initial") or {}
+    fidelity = report["plan"].get("fidelity") or {}
+    return {
+        "arm": arm,
+        "recipe": report["recipe"]["description"],
+        "agreement_before_training": fidelity.get("top1_agreement"),
+        "test_accuracy_before_training": initial.get("test_accuracy"),
+        "test_accuracy_per_epoch": [e["test_accuracy"] for e in converted["history"]],
+        "val_accuracy_per_epoch": [e["val_accuracy"] for e in converted["history"]],
+        "final_test_accuracy": converted["test_accuracy"],
+        "best_epoch": converted["best_epoch"],
+        "train_time_s": converted["train_time_s"],
+        "fit_time_s": (report["plan"].get("calibration") or {}).get("time_s"),
+        "original_test_accuracy": report["models"][0]["test_accuracy"],
+    }
+
+
+def time_224(original, samples=512):
+    """Data-aware conversion of B0 at 224x224 (the original's weights) against one forward pass."""
+    import resource
+
+    import keras
+
+    import keffconvert
+    from keffconvert.digits import digits_images
+
+    small = keras.models.load_model(original, compile=False)
+    model = keras.applications.EfficientNetB0(weights=None, classes=small.outputs[0].shape[-1],
+                                              input_shape=(224, 224, 3))
+    model.set_weights(small.get_weights())  # convolution weights do not depend on the input size
+    x = digits_images(224, 224, limit=samples)
+    forward = []
+    for _ in range(2):
+        start = time.time()
+        model.predict(x, batch_size=64, verbose=0)
+        forward.append(time.time() - start)
+    start = time.time()
+    _, plan = keffconvert.convert(model, calibration=x)
+    fit = time.time() - start
+    return {"images": samples, "forward_pass_s": round(min(forward), 1), "conversion_s": round(fit, 1),
+            "ratio": round(fit / min(forward), 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def plot(record, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in record["arms"]:
+        curve = [arm["test_accuracy_before_training"]] if arm["test_accuracy_before_training"] is not None else []
+        first = 0 if curve else 1
+        curve += arm["test_accuracy_per_epoch"]
+        ax.plot(range(first, first + len(curve)), [100 * a for a in curve], marker="o", markersize=3,
+                label=arm["arm"])
+    original = record["arms"][-1]["original_test_accuracy"]
+    ax.axhline(100 * original, color="black", linestyle="--", linewidth=1, label="original")
+    ax.axhline(100 * original - 1, color="gray", linestyle=":", linewidth=1, label="original - 1 point")
+    ax.set_xlabel("epoch (0: before training)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{record['model']} on digits 32x32, converted at cpg 16", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="efficientnetb0", choices=["efficientnetb0", "mobilenetv2", "transfer"])
+    parser.add_argument("--original", default=None, help="a trained .keras original; default: train one here")
+    parser.add_argument("--original-epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--time-224", action="store_true", help="also time the conversion of B0 at 224x224")
+    parser.add_argument("--out", default=None, help="write the JSON record here")
+    parser.add_argument("--plot", default=None, help="write the accuracy-per-epoch plot here")
+    args = parser.parse_args()
+
+    from keffconvert.outputs import write_json
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
+    original = args.original
+    start = time.time()
+    if original is None:
+        original = train_original(args.model, args.original_epochs, args.seed, workdir / "original.keras")
+    record = {"model": args.model, "original": str(args.original or f"trained here: {args.original_epochs} "
+                                                   f"epochs, seed {args.seed}"),
+              "original_train_s": round(time.time() - start, 1), "epochs": args.epochs, "arms": []}
+    for arm in args.arms.split(","):
+        result = run_arm(arm, original, args.epochs, workdir)
+        record["arms"].append(result)
+        print(json.dumps(result), flush=True)
+    if args.time_224:
+        record["conversion_224"] = time_224(original)
+        print(json.dumps(record["conversion_224"]), flush=True)
+    if args.out:
+        write_json(args.out, record, force=True)
+    if args.plot:
+        plot(record, args.plot)
+
+
+if __name__ == "__main__":
+    main()

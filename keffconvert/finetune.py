@@ -1,0 +1,112 @@
+"""What fine-tuning a converted model needs beyond the from-scratch recipe.
+
+Fine-tuning starts from a model that already computes (nearly) the original's function, the
+data-aware conversion's fit. The paper's from-scratch recipe (RMSprop at lr 0.003, batch norms
+in training mode) throws that start away: its first steps are large, and on a small data set the
+batch norms' moving statistics lag the weights, so the model that is evaluated is not the model
+that was learned. Fine-tuning therefore has its own defaults (`FINETUNE_DEFAULTS`, chosen by
+`benchmarks/bench_finetune.py`) and three ways to treat batch norms (`BN_MODES`):
+
+* ``frozen``: every batch norm runs in inference mode with its statistics kept, as keras.io's
+  EfficientNet fine-tuning recipe does; what is trained is what is evaluated;
+* ``recalibrate``: batch norms train as usual, and their moving statistics are re-estimated on
+  training images (with the current weights) before each evaluation;
+* ``train``: the plain recipe.
+
+It also records the converted model's accuracy before any training (epoch 0), can track test
+accuracy per epoch for curves (never for model selection), and warns when validation accuracy
+sits at chance while training accuracy climbs, the sign of lagging statistics.
+"""
+
+import keras
+import numpy as np
+
+from keffconvert.model_info import leaf_layers
+
+BN_MODES = ("train", "frozen", "recalibrate")
+
+# Recipe values that replace the paper's from-scratch ones in --mode finetune, unless given.
+FINETUNE_DEFAULTS = {"epochs": 3, "optimizer": "adam", "lr": 1e-4, "lr_decay": 1.0, "distill_weight": 0.5,
+                     "bn_mode": "frozen"}
+
+
+def freeze_batch_norms(model):
+    """Every BatchNormalization of `model` (nested ones too) in inference mode, statistics kept."""
+    for layer in leaf_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def recalibrate_batch_norms(model, images, batch_size=64):
+    """Re-estimate the moving mean and variance of `model`'s trainable batch norms on `images`.
+
+    Each batch norm's momentum is set so that its moving statistics become the running average
+    over the batches (momentum (k-1)/k at batch k); the weights do not change.
+    """
+    norms = [layer for layer in leaf_layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    saved = [layer.momentum for layer in norms]
+    try:
+        for k, start in enumerate(range(0, len(images), batch_size), 1):
+            for layer in norms:
+                layer.momentum = (k - 1) / k
+            model(images[start:start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
+
+
+class BatchNormRecalibration(keras.callbacks.Callback):
+    """Before every evaluation (validation included), re-estimate the student's batch-norm statistics."""
+
+    def __init__(self, model, images):
+        super().__init__()
+        self.net = model
+        self.images = images
+
+    def on_test_begin(self, logs=None):
+        recalibrate_batch_norms(self.net, self.images)
+
+
+class TestEveryEpoch(keras.callbacks.Callback):
+    """Adds `test_accuracy` (of the model as it is after the epoch) to the epoch's logs, for curves."""
+
+    def __init__(self, model, test):
+        super().__init__()
+        self.net = model
+        self.test = test
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:  # batch norms were recalibrated for this epoch's validation already
+            logs["test_accuracy"] = evaluate_accuracy(self.net, self.test)
+
+
+class ChanceWarning(keras.callbacks.Callback):
+    """Warns once when validation accuracy stays at chance while training accuracy climbs."""
+
+    def __init__(self, num_classes, say):
+        super().__init__()
+        self.chance = 1.0 / num_classes
+        self.say = say
+        self.warning = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        val, train = logs.get("val_accuracy"), logs.get("accuracy")
+        if self.warning or val is None or train is None:
+            return
+        if val <= 1.5 * self.chance and train >= min(0.9, 3 * self.chance):
+            self.warning = (f"epoch {epoch + 1}: validation accuracy {100 * val:.1f}% is at chance while training "
+                            f"accuracy is {100 * train:.1f}%: batch-norm moving statistics lag the weights; "
+                            "try --bn-mode frozen or --bn-mode recalibrate")
+            self.say(f"warning: {self.warning}")
+
+
+def evaluate_accuracy(model, dataset):
+    """Top-1 accuracy of `model` on a batched (x, y) dataset."""
+    correct = total = 0
+    for x, y in dataset:
+        predictions = keras.ops.convert_to_numpy(model(x, training=False))
+        correct += int(np.sum(predictions.argmax(-1) == np.asarray(y)))
+        total += len(predictions)
+    return correct / max(total, 1)

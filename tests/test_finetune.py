@@ -1,0 +1,131 @@
+"""Fine-tuning a converted model: its own defaults, batch-norm handling, epoch 0 and the data-aware start."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_train import tiny_model
+
+from keffconvert.cli import cli
+from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, freeze_batch_norms,
+                                  recalibrate_batch_norms)
+from keffconvert.train import Recipe, recipe_from_options, train
+
+
+def test_finetune_defaults_replace_the_papers_recipe_unless_given():
+    scratch, finetune = recipe_from_options("scratch"), recipe_from_options("finetune")
+    assert (scratch.optimizer, scratch.lr, scratch.epochs, scratch.bn_mode) == ("rmsprop", 0.003, 50, "train")
+    for key, value in FINETUNE_DEFAULTS.items():
+        assert getattr(finetune, key) == value
+    assert recipe_from_options("finetune", lr=0.01, epochs=None).lr == 0.01
+    assert recipe_from_options("finetune", epochs=None).epochs == FINETUNE_DEFAULTS["epochs"]
+
+
+def bn_model():
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(8, 1, name="conv")(inp)
+    out = keras.layers.BatchNormalization(name="bn", momentum=0.99)(x)
+    return keras.Model(inp, out), keras.Model(inp, x)
+
+
+def test_recalibration_sets_the_average_of_the_batch_statistics():
+    model, features = bn_model()
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(64, 4, 4, 3)).astype("float32")
+    recalibrate_batch_norms(model, x, batch_size=16)
+    bn = model.get_layer("bn")
+    f = features.predict(x, verbose=0)
+    batches = f.reshape(4, -1, 8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), batches.mean(axis=1).mean(axis=0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), batches.var(axis=1).mean(axis=0),
+                               rtol=1e-3, atol=1e-3)
+    assert bn.momentum == 0.99, "the layer's own momentum is put back"
+
+
+def test_frozen_batch_norms_compute_the_same_in_training_mode():
+    model, _ = bn_model()
+    model.get_layer("bn").set_weights([np.full(8, 2.0), np.ones(8), np.full(8, 0.5), np.full(8, 4.0)])
+    freeze_batch_norms(model)
+    x = np.random.default_rng(1).normal(size=(8, 4, 4, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x, training=True)),
+                               keras.ops.convert_to_numpy(model(x, training=False)), atol=1e-6)
+    assert model.trainable_weights == [w for w in model.get_layer("conv").trainable_weights]
+
+
+def test_chance_warning_names_the_lag_once():
+    said = []
+    warning = ChanceWarning(10, said.append)
+    warning.on_epoch_end(0, {"accuracy": 0.5, "val_accuracy": 0.30})
+    assert warning.warning is None
+    warning.on_epoch_end(1, {"accuracy": 0.8, "val_accuracy": 0.10})
+    warning.on_epoch_end(2, {"accuracy": 0.9, "val_accuracy": 0.09})
+    assert len(said) == 1 and "at chance" in said[0] and "--bn-mode" in said[0]
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny model trained for a few epochs on digits at 16x16, saved as the user's original."""
+    from keffconvert.data import load_dataset
+
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    data = load_dataset("digits", (16, 16), 3, seed=0)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(data.x_train.astype("float32"), data.y_train, epochs=8, batch_size=64, verbose=0)
+    path = tmp_path_factory.mktemp("original") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def finetune(original, out, calibration):
+    recipe = recipe_from_options("finetune", epochs=1, track_test=True)
+    return train(str(original), "digits", mode="finetune", recipe=recipe, calibration=calibration, out=out)
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_data_aware_fit_and_reports_epoch_zero(trained_tiny, tmp_path):
+    plain = finetune(trained_tiny, tmp_path / "plain", "none")
+    fitted = finetune(trained_tiny, tmp_path / "fitted", "train")
+    for report in (plain, fitted):
+        original, converted = report["models"]
+        assert original.get("reference") and not original["trained"], "fine-tuning does not retrain the original"
+        assert 0 < original["test_accuracy"] <= 1
+        assert set(converted["initial"]) == {"val_accuracy", "test_accuracy"}
+        assert len(converted["history"]) == 1 and "test_accuracy" in converted["history"][0]
+        assert report["recipe"]["bn_mode"] == "frozen" and report["recipe"]["optimizer"] == "adam"
+    assert plain["plan"]["calibration"] is None
+    assert fitted["plan"]["calibration"]["samples"] == 512
+    assert all(layer["reconstruction_error"] is not None for layer in fitted["plan"]["layers"] if layer["converted"])
+    before, after = plain["plan"]["fidelity"], fitted["plan"]["fidelity"]
+    assert after["mean_abs_diff"] < before["mean_abs_diff"] and after["correlation"] > before["correlation"]
+    assert after["top1_agreement"] >= before["top1_agreement"]
+    markdown = (tmp_path / "fitted" / "report.md").read_text()
+    assert "before training (epoch 0)" in markdown and "used as it is" in markdown
+
+
+def test_cli_convert_with_calibration_reports_the_fit_and_held_out_agreement(trained_tiny, tmp_path):
+    out, report = tmp_path / "small.keras", tmp_path / "plan.json"
+    result = CliRunner().invoke(cli, [str(trained_tiny), "-c", "8", "-o", str(out), "--report", str(report),
+                                      "--calibration", "digits", "--calibration-samples", "64"])
+    assert result.exit_code == 0, result.output
+    assert "calibration: 64 calibration images from the training split of digits" in result.output
+    assert "held-out images the fit did not see" in result.output
+    plan = json.loads(report.read_text())["plan"]
+    assert plan["calibration"]["samples"] == 64
+    converted = [layer for layer in plan["layers"] if layer["converted"]]
+    assert converted and all(layer["reconstruction_error"] <= layer["slices_error"] for layer in converted)
+    assert plan["fidelity"]["samples"] == 359  # digits' test split: never the calibration images
+    assert keras.models.load_model(out).count_params() > 0
+
+
+def test_cli_calibration_needs_the_weights(trained_tiny, tmp_path):
+    result = CliRunner().invoke(cli, [str(trained_tiny), "--calibration", "digits", "--no-weights",
+                                      "-o", str(tmp_path / "x.keras")])
+    assert result.exit_code == 2 and "--no-weights" in result.output
+
+
+def test_bn_mode_is_checked():
+    with pytest.raises(Exception, match="bn mode"):
+        Recipe(bn_mode="sometimes").validate("finetune")
