@@ -141,7 +141,7 @@ def test_finetune_with_distillation_under_mirrored_strategy(tmp_path, monkeypatc
     recipe = Recipe(epochs=1, distill_weight=0.5, strategy="mirrored")
     report = train(model, "digits", mode="finetune", out=tmp_path / "ft", recipe=recipe)
     original, converted = report["models"]
-    assert not original["trained"] and original["test_accuracy"] is None
+    assert original["reference"] and not original["trained"], "fine-tuning uses the original as it is"
     assert converted["distilled"] and "distillation" in report["mode_description"]
     assert [kind for kind, _, _ in fits] == [Distiller]  # one fit, of the distiller
     _, strategy, variable = fits[0]
@@ -156,7 +156,9 @@ def test_finetune_with_distillation_under_mirrored_strategy(tmp_path, monkeypatc
     predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
     assert converted["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
     assert converted["epochs"] == 1 and [e["epoch"] for e in converted["history"]] == [1]
-    assert "not trained" in (tmp_path / "ft" / "report.md").read_text()
+    predicted = model.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
+    assert original["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
+    assert "used as it is" in (tmp_path / "ft" / "report.md").read_text()
 
 
 def test_a_run_stopped_after_its_last_epoch_is_tested_without_training_again(tmp_path, monkeypatch):
