@@ -20,7 +20,6 @@ from keffconvert.fit import ChainFit, ChainStats, folded_map, layer_weights
 from keffconvert.graph import Graph, functional_view, is_graph_model
 from keffconvert.weights import output_order
 
-DEFAULT_SAMPLES = 512
 # Pixels of one chain's input whose statistics are accumulated: a (C+1)^2 second-moment matrix
 # is estimated well from far fewer rows than 512 images at 112x112 give (6.4M), so large layers
 # use a seeded random subset of this many.
