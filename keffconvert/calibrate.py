@@ -2,7 +2,8 @@
 
 The original's graph is walked once, layer by layer, over the calibration images, carrying two
 sets of values side by side: what the original computes and what the converted model computes
-(kept layers have the same weights in both, so the original's layer object serves both). At each
+(the converted side calls the converted model's own copies of kept layers, whose channel order
+the regrouping may have changed). At each
 replaced chain, in topological order, the statistics of its input in the converted network and
 in the original are accumulated, the replacement is fitted (`keffconvert.fit`), and its output
 with the fitted weights is what the converted network carries on. So the whole fit costs about

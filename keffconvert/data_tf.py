@@ -11,10 +11,6 @@ import tensorflow as tf
 
 from keffconvert.errors import DataError
 
-# How a model wants its pixels: `raw` 0..255 (Keras EfficientNet rescales inside the model),
-# `unit` 0..1, `symmetric` -1..1.
-INPUT_SCALES = ("raw", "unit", "symmetric")
-
 
 def fit_images(x, height, width, channels=3):
     """uint8 images (N, h, w, c) resized (bilinear) to (N, height, width, channels)."""
@@ -59,7 +55,7 @@ def decode_images(paths, size, channels=3):
 
 
 def scale_pixels(images, scale):
-    """uint8 0..255 -> float32 in the range the model expects (`INPUT_SCALES`)."""
+    """uint8 0..255 -> float32 in the range the model expects (`keffconvert.model_inputs.INPUT_SCALES`)."""
     x = tf.cast(images, tf.float32)
     if scale == "unit":
         return x / 255.0

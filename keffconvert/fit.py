@@ -27,7 +27,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
 from keffconvert.layers import interleave_permutation
-from keffconvert.weights import block_diagonal, full_bn_weights
+from keffconvert.weights import bn_affine, block_diagonal
 
 
 def folded_map(conv, bn):
@@ -36,9 +36,8 @@ def folded_map(conv, bn):
     kernel = weights[0][0, 0].astype("float64")
     bias = weights[1].astype("float64") if conv.use_bias else np.zeros(kernel.shape[1])
     if bn is not None:
-        gamma, beta, mean, var = (w.astype("float64") for w in full_bn_weights(bn))
-        scale = gamma / np.sqrt(var + bn.epsilon)
-        kernel, bias = kernel * scale, (bias - mean) * scale + beta
+        scale, shift = bn_affine(bn)
+        kernel, bias = kernel * scale, bias * scale + shift
     return np.vstack([kernel, bias[None]])
 
 

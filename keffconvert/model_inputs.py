@@ -11,6 +11,8 @@ import numpy as np
 
 from keffconvert.errors import DataError
 
+# How a model wants its pixels: `raw` 0..255 (Keras EfficientNet rescales inside the model),
+# `unit` 0..1, `symmetric` -1..1.
 INPUT_SCALES = ("raw", "unit", "symmetric")
 
 
@@ -26,8 +28,10 @@ def scale_pixels(images, scale):
 
 def model_image_shape(model):
     """(height, width, channels) of an image model's fixed input; DataError otherwise."""
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3 or None in shape:
+    from keffconvert.model_info import input_shape
+
+    shape = input_shape(model)
+    if shape is None or len(shape) != 3 or None in shape:
         raise DataError(f"{model.name} takes input of shape {shape}; calibration needs a fixed image size (H, W, C)")
     return shape
 

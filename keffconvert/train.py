@@ -708,7 +708,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         The report (the dict written to `report.json`).
     """
     from keffconvert.convert import convert
-    from keffconvert.data_tf import INPUT_SCALES, gpu_available, make_dataset, make_strategy
+    from keffconvert.data_tf import gpu_available, make_dataset, make_strategy
+    from keffconvert.model_inputs import INPUT_SCALES
 
     recipe = recipe or recipe_from_options(mode)
     if mode not in MODES:
@@ -803,22 +804,24 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
 
 def _calibration(spec, samples, source, dataset, scale, seed):
     """Calibration images for the data-aware conversion, or None for the plain slices."""
-    from keffconvert.model_inputs import calibration_images, scale_pixels
+    from keffconvert.model_inputs import calibration_images
 
     if spec is None or os.fspath(spec) == "none":
         return None
     if os.fspath(spec) == "train":
-        picked = np.sort(np.random.default_rng(seed).permutation(len(dataset.x_train))[:samples])
-        return scale_pixels(dataset.x_train[picked], scale)
+        return _training_sample(dataset, scale, samples, seed)
     return calibration_images(spec, source, samples=samples, seed=seed, scale=scale).calibration
 
 
 def _recalibration_images(recipe, dataset, scale, samples=512):
-    if recipe.bn_mode != "recalibrate":
-        return None
+    return _training_sample(dataset, scale, samples, recipe.seed + 1) if recipe.bn_mode == "recalibrate" else None
+
+
+def _training_sample(dataset, scale, samples, seed):
+    """`samples` training images (a seeded draw, in their original order), scaled for the model."""
     from keffconvert.model_inputs import scale_pixels
 
-    picked = np.sort(np.random.default_rng(recipe.seed + 1).permutation(len(dataset.x_train))[:samples])
+    picked = np.sort(np.random.default_rng(seed).permutation(len(dataset.x_train))[:samples])
     return scale_pixels(dataset.x_train[picked], scale)
 
 
