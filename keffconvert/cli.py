@@ -114,7 +114,9 @@ def cli(debug):
     \b
     keffconvert MODEL [OPTIONS]      convert (MODEL: .keras, .h5 or a built-in name)
     keffconvert train ...            retrain or fine-tune, then report accuracy
+    keffconvert sweep ...            train at several channels per group, report the trade-off
     keffconvert report REPORT.json   rebuild report.md and plots
+    keffconvert heatmaps RUN         Grad-CAM of original and converted, side by side
     keffconvert check MODEL ...      fail when a model is over its parameter budget
     keffconvert export MODEL ...     fold for inference; write tflite, saved_model or keras
     """

@@ -1,0 +1,70 @@
+"""`keffconvert sweep MODEL`: convert and train at several channels-per-group settings, one report."""
+
+import shlex
+import sys
+import time
+
+import click
+
+from keffconvert.commands.training_options import data_options, training_options
+
+
+@click.command("sweep", context_settings={"show_default": True})
+@click.argument("model")
+@data_options
+@click.option("-c", "--channels-per-group", default="4,8,16,32,64", metavar="N,N,...",
+              help="The settings to compare, separated by commas.")
+@click.option("--variant", default=None, help="The conversion method, passed to each run (where train takes it).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Sweep folder: one run folder cpg-N per setting, sweep_report.json/.md and sweep.png. "
+                   "Default: runs/<model>-sweep.")
+@click.option("--force", is_flag=True, help="Start every setting over in an --out that holds a finished or "
+                                            "different sweep.")
+@training_options
+def sweep_command(model, data, mode, channels_per_group, variant, out, force, include, exclude, image_size,
+                  input_scale, calibration, calibration_samples, unsafe, quiet, **recipe_options):
+    """Convert MODEL at each channels-per-group setting, train (or fine-tune) each with the same
+    recipe, and report test accuracy against trainable parameters and MACs, the original as the
+    reference point and the Pareto front marked.
+
+    \b
+    From scratch the original is trained once, beside the first setting; fine-tuning measures it
+    as it is. Killed or interrupted, the same command skips finished settings and resumes the
+    unfinished one.
+    \b
+    Example:
+      keffconvert sweep efficientnetb0 --data digits --image-size 32 --epochs 30 -c 4,8,16,32,64
+    """
+    from rich.console import Console
+
+    from keffconvert.sweep import REPORT_JSON, REPORT_MD, PLOT, sweep
+    from keffconvert.train import recipe_from_options
+
+    recipe = recipe_from_options(mode, **recipe_options)
+    progress = None if quiet else Console(stderr=True)
+    command = "keffconvert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    start = time.time()
+    report = sweep(model, data, channels_per_group=channels_per_group, mode=mode, out=out, recipe=recipe,
+                   include=list(include), exclude=list(exclude), image_size=image_size, input_scale=input_scale,
+                   calibration=calibration, calibration_samples=calibration_samples, variant=variant, force=force,
+                   unsafe=unsafe, console=progress, command=command)
+    print_sweep(report, Console())
+    folder = report["out"]
+    click.echo(f"wrote {folder}/{REPORT_MD}, {folder}/{REPORT_JSON} and {folder}/{PLOT} "
+               f"({time.time() - start:.0f} s)")
+
+
+def print_sweep(report, console):
+    from rich.table import Table
+
+    from keffconvert.sweep import SWEEP_COLUMNS, sweep_rows
+
+    table = Table(title=f"{report['source']} sweep ({report['mode']}, {report['epochs']} epochs)")
+    for column in SWEEP_COLUMNS:
+        if column in ("model", "run folder"):
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right")
+    for row in sweep_rows(report):
+        table.add_row(*row)
+    console.print(table)
