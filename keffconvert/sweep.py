@@ -106,7 +106,7 @@ def sweep(model, data="digits", *, channels_per_group=DEFAULT_SETTINGS, mode="sc
     for index, cpg in enumerate(settings_list):
         folder = out / f"cpg-{cpg}"
         with_original = mode == "scratch" and index == 0
-        say(f"[sweep {index + 1} of {len(settings_list)}] channels per group {cpg} in {folder}"
+        say(f"sweep {index + 1} of {len(settings_list)}: channels per group {cpg} in {folder}"
             + (" (with the original, the reference point)" if with_original else ""))
         finished = _finished_run(folder, cpg)
         if finished is not None:

@@ -145,3 +145,9 @@ def test_a_bad_settings_list_is_one_line_and_exit_2(value, tmp_path):
 def test_settings_are_parsed_sorted_and_distinct():
     assert parse_channels_per_group("16, 4,8,4") == [4, 8, 16]
     assert parse_channels_per_group([32, 2]) == [2, 32]
+
+
+def test_the_python_api_is_keffconvert_sweep():
+    import keffconvert
+
+    assert keffconvert.sweep is sweep and "sweep" in keffconvert.__all__
