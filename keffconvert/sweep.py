@@ -200,6 +200,8 @@ def _row(run):
         "best_epoch": converted.get("best_epoch"), "epochs": converted.get("epochs"),
         "train_time_s": converted.get("train_time_s"),
         "initial_test_accuracy": (converted.get("initial") or {}).get("test_accuracy"),
+        "top1_agreement_before_training": (plan.get("fidelity") or {}).get("top1_agreement"),
+        "fit_time_s": (plan.get("calibration") or {}).get("time_s"),
     }
 
 
@@ -244,6 +246,7 @@ def build_sweep_report(runs, *, out, settings, command=None):
         "pareto": {cost: [p["channels_per_group"] if p is not reference else "original"
                           for p in points if p[f"pareto_{cost}"]] for cost in COSTS},
         "wall_time_s": round(sum(run["wall_time_s"] for run in runs), 3),
+        "fit_time_s": round(sum(row["fit_time_s"] or 0 for row in rows), 3),
         "out": str(out),
     }
 
@@ -254,6 +257,19 @@ def _percent(value):
 
 SWEEP_COLUMNS = ["model", "channels per group", "trainable params", "reduction", "MACs", "test acc",
                  "vs original", "Pareto (params)", "Pareto (MACs)", "run folder"]
+BEFORE_TRAINING = "test acc before training"  # a column only when the runs measured it (fine-tuning)
+
+
+def _has_initial(report):
+    return any(row.get("initial_test_accuracy") is not None for row in report["rows"])
+
+
+def sweep_columns(report):
+    """The table's column names: SWEEP_COLUMNS, and the accuracy before training when known."""
+    columns = list(SWEEP_COLUMNS)
+    if _has_initial(report):
+        columns.insert(columns.index("test acc"), BEFORE_TRAINING)
+    return columns
 
 
 def sweep_rows(report):
@@ -262,13 +278,16 @@ def sweep_rows(report):
 
     ref = report["reference"]
     yes = {True: "yes", False: ""}
+    initial = _has_initial(report)
     rows = [[ref["name"], "-", f"{ref['trainable_params']:,}", "-", human(ref["macs"]),
-             _percent(ref["test_accuracy"]), "-", yes[ref["pareto_trainable_params"]], yes[ref["pareto_macs"]],
-             ref["run_dir"] or "-"]]
+             *(["-"] if initial else []), _percent(ref["test_accuracy"]), "-", yes[ref["pareto_trainable_params"]],
+             yes[ref["pareto_macs"]], ref["run_dir"] or "-"]]
     for row in report["rows"]:
         delta = row["accuracy_delta_points"]
+        before = [] if not initial else ["-" if row.get("initial_test_accuracy") is None
+                                         else _percent(row["initial_test_accuracy"])]
         rows.append([row["name"], str(row["channels_per_group"]), f"{row['trainable_params']:,}",
-                     f"{-row['reduction_pct']:+.2f}%", human(row["macs"]), _percent(row["test_accuracy"]),
+                     f"{-row['reduction_pct']:+.2f}%", human(row["macs"]), *before, _percent(row["test_accuracy"]),
                      "-" if delta is None else f"{delta:+.2f} points", yes[row["pareto_trainable_params"]],
                      yes[row["pareto_macs"]], row["run_dir"] or "-"])
     return rows
@@ -281,8 +300,9 @@ def render_sweep_markdown(report):
     data, recipe = report["data"], report["recipe"]
     size = "x".join(str(d) for d in data.get("image_size", []))
     lines = [f"# kEffNet sweep: {report['source']}, {report['mode']}", "",
-             _table(SWEEP_COLUMNS, sweep_rows(report),
-                    right=("channels per group", "trainable params", "reduction", "MACs", "test acc", "vs original")),
+             _table(sweep_columns(report), sweep_rows(report),
+                    right=("channels per group", "trainable params", "reduction", "MACs", BEFORE_TRAINING,
+                           "test acc", "vs original")),
              "", "Pareto front (yes): no other point has fewer trainable parameters (or MACs) and at least the "
              "same test accuracy. MACs: multiply-accumulates per image"
              + (f" at {size}." if size else "."), "", "## Setup", "",
@@ -293,7 +313,8 @@ def render_sweep_markdown(report):
              f"- Original: " + ("trained in " + report["reference"]["run_dir"] if report["reference"]["trained"]
                                 else "used as it is" if report["reference"]["test_accuracy"] is not None
                                 else "not evaluated") + ".",
-             f"- Wall time (training and testing, all runs): {report['wall_time_s']:.0f} s."]
+             f"- Wall time, all runs: training and testing {report['wall_time_s']:.0f} s"
+             + (f", data-aware conversion fits {report['fit_time_s']:.0f} s." if report.get("fit_time_s") else ".")]
     if report.get("variant"):
         lines.append(f"- Conversion variant: {report['variant']}.")
     if report.get("command"):

@@ -151,3 +151,18 @@ def test_the_python_api_is_keffconvert_sweep():
     import keffconvert
 
     assert keffconvert.sweep is sweep and "sweep" in keffconvert.__all__
+
+
+def test_the_accuracy_before_training_is_a_column_only_when_measured(finished_sweep):
+    import copy
+
+    from keffconvert.sweep import BEFORE_TRAINING, render_sweep_markdown
+
+    _, report = finished_sweep
+    assert BEFORE_TRAINING not in render_sweep_markdown(report)  # from scratch: nothing before training
+    finetuned = copy.deepcopy(report)
+    finetuned["rows"][0]["initial_test_accuracy"] = 0.4321
+    markdown = render_sweep_markdown(finetuned)
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {report['rows'][0]['name']} |"))
+    assert header.split(" | ").index(BEFORE_TRAINING) == row.split(" | ").index("43.21%")

@@ -57,10 +57,10 @@ def sweep_command(model, data, mode, channels_per_group, variant, out, force, in
 def print_sweep(report, console):
     from rich.table import Table
 
-    from keffconvert.sweep import SWEEP_COLUMNS, sweep_rows
+    from keffconvert.sweep import sweep_columns, sweep_rows
 
     table = Table(title=f"{report['source']} sweep ({report['mode']}, {report['epochs']} epochs)")
-    for column in SWEEP_COLUMNS:
+    for column in sweep_columns(report):
         if column in ("model", "run folder"):
             table.add_column(column, overflow="fold")
         else:
