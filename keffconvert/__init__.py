@@ -19,13 +19,14 @@ import sys
 import types
 
 __version__ = "0.1.0"
-__all__ = ["convert", "sweep", "GroupedPointwiseConv2D", "InterleaveChannels", "LayerPlan", "Plan", "__version__"]
+__all__ = ["convert", "sweep", "GroupedPointwiseConv2D", "InterleaveChannels", "PaddedGroupedPointwiseConv2D", "LayerPlan", "Plan", "__version__"]
 
 _HOMES = {  # public name -> the module that defines it
     "convert": "keffconvert.convert",
     "sweep": "keffconvert.sweep",
     "GroupedPointwiseConv2D": "keffconvert.layers",
     "InterleaveChannels": "keffconvert.layers",
+    "PaddedGroupedPointwiseConv2D": "keffconvert.layers",
     "LayerPlan": "keffconvert.plan",
     "Plan": "keffconvert.plan",
 }

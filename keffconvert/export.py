@@ -54,7 +54,8 @@ from keffconvert.export_check import DEFAULT_TOLERANCE, describe_check, verify_e
 from keffconvert.graph import Graph, is_graph_model
 from keffconvert.layer_kinds import (is_elementwise, is_elementwise_activation_layer, is_plain_batch_norm,
                                      is_plain_conv2d)
-from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels, choose_implementation, interleave_permutation
+from keffconvert.layers import (GroupedPointwiseConv2D, InterleaveChannels, PaddedGroupedPointwiseConv2D,
+                                 choose_implementation, interleave_permutation, padded_dense_kernel)
 from keffconvert.transform import Transform, clone_layer, rebuild
 from keffconvert.weights import bn_affine, grouped_to_dense
 
@@ -372,7 +373,7 @@ def _dtype_of(layer):
 
 def _is_pointwise_conv(layer):
     """A 1x1, stride-1 conv with no activation: GroupedPointwiseConv2D or a dense Conv2D."""
-    if isinstance(layer, GroupedPointwiseConv2D):
+    if isinstance(layer, (GroupedPointwiseConv2D, PaddedGroupedPointwiseConv2D)):
         return layer.activation is keras.activations.linear
     return (_is_dense_conv(layer) and tuple(layer.kernel_size) == (1, 1) and tuple(layer.strides) == (1, 1)
             and tuple(layer.dilation_rate) == (1, 1) and layer.activation is keras.activations.linear)
@@ -398,6 +399,8 @@ def _linear_map(layer, channels):
     kernel = weights[0]
     if isinstance(layer, GroupedPointwiseConv2D):
         kernel = grouped_to_dense(kernel, layer.groups)
+    if isinstance(layer, PaddedGroupedPointwiseConv2D):  # the 2022 variant: padded inputs, two paths
+        kernel = padded_dense_kernel(kernel, channels, layer.channels_per_group)
     matrix = kernel[0, 0]
     bias = weights[1] if layer.use_bias else np.zeros(matrix.shape[1])
     return matrix, bias
@@ -413,7 +416,8 @@ def _compose(nodes, channels):
 
 
 def _bn_foldable_into(layer):
-    if not isinstance(layer, (GroupedPointwiseConv2D, keras.layers.DepthwiseConv2D)) and not is_plain_conv2d(layer):
+    if not isinstance(layer, (GroupedPointwiseConv2D, PaddedGroupedPointwiseConv2D, keras.layers.DepthwiseConv2D)) \
+            and not is_plain_conv2d(layer):
         return False
     return layer.activation is keras.activations.linear and getattr(layer, "data_format", None) != "channels_first"
 

@@ -6,7 +6,7 @@ convolutions, dense); normalisation, activations and pooling are left out, as is
 
 import keras
 
-from keffconvert.layers import GroupedPointwiseConv2D
+from keffconvert.layers import GroupedPointwiseConv2D, PaddedGroupedPointwiseConv2D, padded_groups
 
 
 def _prod(dims):
@@ -34,6 +34,10 @@ def layer_macs(layer, in_shape, out_shape):
     if isinstance(layer, GroupedPointwiseConv2D):
         pixels = _prod(out_shape[1:-1])
         return None if pixels is None else pixels * in_shape[-1] * layer.filters // layer.groups
+    if isinstance(layer, PaddedGroupedPointwiseConv2D):  # the 2022 variant: cpg (padded) inputs per filter
+        pixels = _prod(out_shape[1:-1])
+        _, local, _ = padded_groups(in_shape[-1], layer.filters, layer.channels_per_group)
+        return None if pixels is None else pixels * local * layer.filters
     if isinstance(layer, keras.layers.Dense):
         rows = _prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
         return None if rows is None else rows * in_shape[-1] * layer.units

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import keras
 
-from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
+from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels, PaddedGroupedPointwiseConv2D, padded_groups
 
 # Conv2D settings that K and L take over unchanged.
 CARRIED_CONV_SETTINGS = ("kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
@@ -29,6 +29,14 @@ class NewLayer:
     filters: int = 0
     groups: int = 1
     step: int = 0
+    channels_per_group: int = 0  # > 0: a 2022-variant PaddedGroupedPointwiseConv2D at this cpg
+
+    def kernel_size(self):
+        """Weights in K's or L's kernel, which are also its multiply-accumulates per pixel."""
+        if self.channels_per_group:
+            _, local, _ = padded_groups(self.in_channels, self.filters, self.channels_per_group)
+            return local * self.filters
+        return self.in_channels * self.filters // self.groups
 
     @property
     def trainable(self):
@@ -37,7 +45,7 @@ class NewLayer:
     def weight_sizes(self):
         """[(number of values, trainable)] for each weight the built layer will have."""
         if self.role in ("k", "l"):
-            sizes = [(self.in_channels * self.filters // self.groups, self.trainable)]
+            sizes = [(self.kernel_size(), self.trainable)]
             if self.source.use_bias:
                 sizes.append((self.filters, self.trainable))
             return sizes
@@ -47,7 +55,13 @@ class NewLayer:
 
     def build(self):
         """The Keras layer this describes (unbuilt; the rewrite calls it on its input)."""
-        if self.role in ("k", "l"):
+        if self.role in ("k", "l") and self.channels_per_group:
+            config = self.source.get_config()
+            layer = PaddedGroupedPointwiseConv2D(
+                filters=self.filters, channels_per_group=self.channels_per_group, use_bias=self.source.use_bias,
+                activation=config["activation"], name=self.name,
+                **{key: config[key] for key in CARRIED_CONV_SETTINGS if key in config})
+        elif self.role in ("k", "l"):
             config = self.source.get_config()
             layer = GroupedPointwiseConv2D(
                 filters=self.filters, groups=self.groups, use_bias=self.source.use_bias,
@@ -88,6 +102,30 @@ def describe(conv, bn, act, in_channels, groups):
         if act is not None:
             layers.append(NewLayer("l_act", f"{act.name}_l", act))
         layers.append(NewLayer("sum", f"{conv.name}_sum", None))
+    return layers
+
+
+def describe_padded(conv, bn, act, in_channels, decision, cpg):
+    """The new layers of the 2022 variant (`keffconvert.variant2022`), in call order: the roles
+    of `describe`, K and L being PaddedGroupedPointwiseConv2D layers."""
+    filters = conv.filters
+    layers = [NewLayer("k", f"{conv.name}_k", conv, in_channels=in_channels, filters=filters,
+                       groups=decision.groups, channels_per_group=cpg)]
+    if bn is not None:
+        layers.append(NewLayer("k_bn", bn.name, bn, filters=filters))
+    if act is not None:
+        layers.append(NewLayer("k_act", act.name, act))
+    if not decision.second_conv:
+        return layers
+    if decision.step:
+        layers.append(NewLayer("interleave", f"{conv.name}_interleave", None, step=decision.step))
+    layers.append(NewLayer("l", f"{conv.name}_l", conv, in_channels=filters, filters=filters,
+                           groups=decision.second_groups, channels_per_group=cpg))
+    if bn is not None:
+        layers.append(NewLayer("l_bn", f"{bn.name}_l", bn, filters=filters))
+    if act is not None:
+        layers.append(NewLayer("l_act", f"{act.name}_l", act))
+    layers.append(NewLayer("sum", f"{conv.name}_sum", None))
     return layers
 
 

@@ -67,12 +67,19 @@ def output_order(entry):
 
 
 def transfer_chain(chain, replacement):
-    """K <- block-diagonal M (+ bias, + B), in output order; L <- quiet."""
+    """K <- block-diagonal M (+ bias, + B), in output order; L <- quiet. In the 2022 variant K
+    takes M's weights of the inputs each filter reads (`variant2022.padded_slices`)."""
     conv, bn = chain.conv, chain.bn
     groups = chain.entry.groups
-    order = output_order(chain.entry)
+    cpg = chain.new_layer("k").channels_per_group  # > 0: the 2022 variant
+    order = np.arange(chain.entry.filters) if cpg else output_order(chain.entry)  # 2022: no interleave on the output
     m_weights = [w[..., order] for w in conv.get_weights()]
-    k_weights = [block_diagonal(m_weights[0], groups)] + m_weights[1:]
+    if cpg:
+        from keffconvert.variant2022 import padded_slices
+
+        k_weights = [padded_slices(m_weights[0], cpg)] + m_weights[1:]
+    else:
+        k_weights = [block_diagonal(m_weights[0], groups)] + m_weights[1:]
     replacement.k.set_weights(k_weights)
     if bn is not None:
         replacement.k_bn.set_weights([w[order] for w in full_bn_weights(bn)])
