@@ -213,7 +213,7 @@ def plot_heatmaps(images, labels, class_names, columns, path, *, title=""):
         for j, (heading, cam) in enumerate(columns, 1):
             ax = figure.add_subplot(grid[i, j])
             ax.imshow(np.asarray(image, dtype=float).mean(axis=-1), cmap="gray")
-            ax.imshow(cam.maps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.imshow(cam.maps[i], cmap="jet", alpha=0.15 + 0.55 * cam.maps[i], vmin=0, vmax=1)  # cold: see-through
             right = int(cam.predicted[i]) == int(labels[i])
             ax.set_title(f"{heading}: {name(int(cam.predicted[i]))} ({100 * cam.confidence[i]:.1f}%)", fontsize=8,
                          color="#2ca02c" if right else "#d62728")

@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 
 from keffconvert.errors import InputError
-from keffconvert.outputs import write_json, write_text
+from keffconvert.outputs import atomic_path, write_json, write_text
 
 REPORT_FORMAT = "keffconvert-train-report/1"
 PLOT_FILES = {"accuracy": "accuracy_vs_params.png", "curves": "training_curves.png"}
+# Drawn only when the report holds per-class results (older reports do not): one per model role.
+CONFUSION_FILES = {"original": "confusion_original.png", "converted": "confusion_converted.png"}
 SUMMARY_COLUMNS = ["model", "trainable params", "reduction", "MACs", "test acc", "test loss"]
 
 
@@ -58,7 +60,18 @@ def build_report(*, source, mode, plan, results, data, recipe, settings, environ
         "settings": settings,
         "plan": plan_dict,
         "run_dir": None if out is None else str(out),
+        "class_f1_drops": _class_f1_drops(models),
     }
+
+
+def _class_f1_drops(models):
+    """The classes whose F1 fell most from the original to the converted model (None without both
+    models' per-class results)."""
+    from keffconvert.per_class import f1_drops
+
+    if len(models) < 2 or not all(m.get("per_class") for m in models):
+        return None
+    return f1_drops(models[0]["per_class"], models[1]["per_class"])
 
 
 def _model_entry(result, *, role, name, trainable, total, macs, reduction):
@@ -157,11 +170,73 @@ def render_markdown(report):
         lines.append(f"- Command: `{report['command']}`")
     lines += ["", "## Plots", "",
               f"![test accuracy against trainable parameters]({PLOT_FILES['accuracy']})", "",
-              f"![validation accuracy per epoch]({PLOT_FILES['curves']})", "",
-              "## Per-layer plan", ""]
+              f"![validation accuracy per epoch]({PLOT_FILES['curves']})", ""]
+    lines += per_class_markdown(report)
+    lines += heatmaps_markdown(report)
+    lines += ["## Per-layer plan", ""]
     lines += [f"- {line}" for line in totals_lines(plan)]
     lines += ["", plan_markdown(plan), ""]
     return "\n".join(lines)
+
+
+def per_class_markdown(report):
+    """The per-class section: precision, recall, F1 and support of each model side by side, the
+    classes that lost most, and the confusion matrices (nothing for a report without them)."""
+    models = [m for m in report["models"] if m.get("per_class")]
+    if not models:
+        return []
+    lines = ["## Per-class results (test split)", ""]
+    names = models[0]["per_class"]["class_names"]
+    columns = ["class", "support"]
+    for m in models:
+        columns += [f"{m['role']} precision", f"{m['role']} recall", f"{m['role']} F1"]
+    if len(models) == 2:
+        columns.append("F1 change")
+    rows = []
+    for i, name in enumerate(names):
+        row = [name, models[0]["per_class"]["classes"][i]["support"]]
+        for m in models:
+            c = m["per_class"]["classes"][i]
+            row += [f"{100 * c['precision']:.1f}%", f"{100 * c['recall']:.1f}%", f"{100 * c['f1']:.1f}%"]
+        if len(models) == 2:
+            change = 100 * (models[1]["per_class"]["classes"][i]["f1"] - models[0]["per_class"]["classes"][i]["f1"])
+            row.append(f"{change:+.1f}")
+        rows.append(row)
+    macro = ["macro average", models[0]["per_class"]["samples"]]
+    for m in models:
+        pc = m["per_class"]
+        macro += [f"{100 * pc['macro_precision']:.1f}%", f"{100 * pc['macro_recall']:.1f}%",
+                  f"{100 * pc['macro_f1']:.1f}%"]
+    if len(models) == 2:
+        macro.append(f"{100 * (models[1]['per_class']['macro_f1'] - models[0]['per_class']['macro_f1']):+.1f}")
+    rows.append(macro)
+    lines += [_table(columns, rows, right=tuple(columns[1:])), ""]
+    drops = report.get("class_f1_drops")
+    if drops:
+        lines.append("Classes that lost most (F1, original to converted): " + "; ".join(
+            f"**{d['name']}** {100 * d['original_f1']:.1f}% -> {100 * d['converted_f1']:.1f}% "
+            f"({-d['drop']:+.1f} points)" for d in drops) + ".")
+    elif drops is not None:
+        lines.append("No class lost F1 from the original to the converted model.")
+    lines.append("")
+    for m in models:
+        lines += [f"![confusion matrix of {m['name']}]({CONFUSION_FILES[m['role']]})", ""]
+    return lines
+
+
+def heatmaps_markdown(report):
+    """The heatmaps section, when the run drew them (`keffconvert heatmaps RUN` redraws more)."""
+    heatmaps = report.get("heatmaps")
+    if not heatmaps:
+        return []
+    if heatmaps.get("skipped"):
+        return ["## Heatmaps", "", f"Not drawn: {heatmaps['skipped']}.", ""]
+    layers = "; ".join(f"{m['model']}: `{m['layer']}` ({m['feature_map'][0]}x{m['feature_map'][1]})"
+                       for m in heatmaps["models"])
+    return ["## Heatmaps", "",
+            f"Grad-CAM of the predicted class on {heatmaps['images']} test images, on the last convolutional "
+            f"feature map ({layers}); `keffconvert heatmaps {report.get('run_dir') or 'RUN_FOLDER'} --images N` "
+            "draws more.", "", f"![Grad-CAM heatmaps]({heatmaps['file']})", ""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +251,19 @@ def write_report(report, out_dir, *, with_json=True):
     written = [write_text(out_dir / "report.md", render_markdown(report), force=True),
                plot_accuracy_vs_params(report, out_dir / PLOT_FILES["accuracy"]),
                plot_training_curves(report, out_dir / PLOT_FILES["curves"])]
+    written += write_confusion_plots(report, out_dir)
     if with_json:
         written.append(write_json(out_dir / "report.json", report, force=True))
     return written
+
+
+def write_confusion_plots(report, out_dir):
+    """One confusion-matrix PNG per model with per-class results (none for older reports)."""
+    from keffconvert.plots import plot_confusion_matrix
+
+    return [plot_confusion_matrix(m["per_class"], Path(out_dir) / CONFUSION_FILES[m["role"]],
+                                  f"{m['name']} ({m['role']})")
+            for m in report["models"] if m.get("per_class")]
 
 
 def load_report(path):
@@ -206,4 +291,14 @@ def regenerate(path, out_dir=None):
     out_dir = Path(out_dir) if out_dir is not None else Path(path).parent
     if not out_dir.is_dir():
         raise OutputError(f"output folder {out_dir} does not exist")
-    return write_report(report, out_dir, with_json=False)
+    written = write_report(report, out_dir, with_json=False)
+    name = (report.get("heatmaps") or {}).get("file")
+    heatmaps = Path(path).parent / (name or "")
+    if name and heatmaps.is_file() and \
+            heatmaps.resolve() != (out_dir / heatmaps.name).resolve():
+        import shutil
+
+        with atomic_path(out_dir / heatmaps.name, force=True) as tmp:  # drawn from the models, not the JSON
+            shutil.copyfile(heatmaps, tmp)
+        written.append(out_dir / heatmaps.name)
+    return written

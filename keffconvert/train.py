@@ -612,11 +612,12 @@ def start_run_dir(out, settings, force, resumed):
 
 def clear_run(out):
     """Remove what a previous run wrote in `out` (only the files and folders train creates)."""
-    from keffconvert.report import PLOT_FILES
+    from keffconvert.heatmaps import HEATMAP_FILE, SAMPLE_FILE
+    from keffconvert.report import CONFUSION_FILES, PLOT_FILES
 
     if not ((out / "run.json").is_file() or (out / "report.json").is_file()):
         return  # not a run folder: touch nothing
-    for name in (*RUN_FILES, *PLOT_FILES.values()):
+    for name in (*RUN_FILES, *PLOT_FILES.values(), *CONFUSION_FILES.values(), HEATMAP_FILE, SAMPLE_FILE):
         if (out / name).is_file():
             (out / name).unlink()
     for name in MODEL_DIRS:
@@ -680,7 +681,8 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
 
 def train(model, data="digits", *, mode="scratch", with_original=False, out=None, recipe=None,
           channels_per_group=16, include=None, exclude=None, image_size=None, input_scale="auto",
-          calibration="train", calibration_samples=512, force=False, unsafe=False, console=None, command=None):
+          calibration="train", calibration_samples=512, force=False, unsafe=False, console=None, command=None,
+          heatmap_images=4):
     """Convert `model`, train the converted model (and the original if `with_original`), report.
 
     Args:
@@ -701,6 +703,7 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
             slices).
         calibration_samples: how many calibration images.
         force: start over in a folder holding a finished (or different) run.
+        heatmap_images: Grad-CAM heatmaps of this many test images in the report (0: none).
         console: a `rich.console.Console` for progress; None prints nothing.
         command: the command line, recorded in the report.
 
@@ -773,7 +776,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         + [("converted", converted, f"kEffNet-{name} (cpg {channels_per_group})")]
     results = {}
     if mode == "finetune" and not with_original:
-        results["original"] = _reference(source, name, pipelines["test"])  # as it is, not retrained
+        results["original"] = _reference(source, name, pipelines["test"],  # as it is, not retrained
+                                         class_names=dataset.class_names, folder=out / "original")
     if mode == "finetune" and plan.fidelity is None:
         from keffconvert.fidelity import agreement
         from keffconvert.model_inputs import scale_pixels
@@ -787,7 +791,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
             results[key] = _train_one(
                 key, template, label, out / key, recipe=recipe, mode=mode, policy=policy, strategy=strategy,
                 pipelines=pipelines, steps=steps, from_logits=from_logits, teacher=teacher, console=console,
-                recalibration_images=_recalibration_images(recipe, dataset, scale), num_classes=dataset.num_classes)
+                recalibration_images=_recalibration_images(recipe, dataset, scale), num_classes=dataset.num_classes,
+                class_names=dataset.class_names)
         except KeyboardInterrupt:
             say(f"stopped during {label}; finished epochs are saved in {out}: run the same command to resume",
                 highlight=False)
@@ -798,8 +803,25 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     report = build_report(
         source=name, mode=mode, plan=plan, results=results, data=dataset.description, recipe=recipe,
         settings=settings, environment=environment, input_scale=scale, command=command, out=out)
+    if heatmap_images:
+        report["heatmaps"] = _report_heatmaps(out, dataset, scale, heatmap_images, say)
     write_report(report, out)
     return report
+
+
+def _report_heatmaps(out, dataset, scale, images, say):
+    """Keep a sample of test images in the run folder and draw the report's Grad-CAM heatmaps of
+    its first `images`; a model Grad-CAM cannot explain is noted, not an error."""
+    from keffconvert.errors import UnsupportedModelError
+    from keffconvert.heatmaps import HEATMAP_FILE, draw_heatmaps, load_models, model_paths, save_test_sample
+
+    x, y = save_test_sample(out, dataset)
+    try:
+        return draw_heatmaps(load_models(model_paths(out)), x[:images], y[:images], dataset.class_names, scale,
+                             out / HEATMAP_FILE)
+    except UnsupportedModelError as error:
+        say(f"no heatmaps: {error}", highlight=False)
+        return {"skipped": str(error)}
 
 
 def _calibration(spec, samples, source, dataset, scale, seed):
@@ -825,14 +847,30 @@ def _training_sample(dataset, scale, samples, seed):
     return scale_pixels(dataset.x_train[picked], scale)
 
 
-def _reference(source, name, test):
-    """The original as it is (fine-tuning does not retrain it): its test accuracy, for comparison."""
+def _reference(source, name, test, class_names=None, folder=None):
+    """The original as it is (fine-tuning does not retrain it): its test accuracy, for comparison;
+    saved as `folder/reference.keras` so the run folder holds both models (heatmaps)."""
     from keffconvert.finetune import evaluate_accuracy
 
     trainable, total = count_params(source)
-    return {"key": "original", "name": name, "model_name": source.name, "trainable_params": trainable,
-            "total_params": total, "test_accuracy": evaluate_accuracy(source, test), "test_loss": None,
-            "epochs": 0, "train_time_s": 0.0, "test_time_s": 0.0, "history": [], "reference": True}
+    result = {"key": "original", "name": name, "model_name": source.name, "trainable_params": trainable,
+              "total_params": total, "test_accuracy": evaluate_accuracy(source, test), "test_loss": None,
+              "epochs": 0, "train_time_s": 0.0, "test_time_s": 0.0, "history": [], "reference": True}
+    if class_names is not None:
+        result["per_class"] = _per_class(source, test, class_names)
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_model(source, Path(folder) / "reference.keras", force=True)
+    return result
+
+
+def _per_class(model, test, class_names):
+    """Per-class precision, recall, F1 and the confusion matrix of `model` on the test pipeline."""
+    from keffconvert.per_class import per_class_results
+
+    labels = np.concatenate([np.asarray(y) for _, y in test])
+    predicted = np.asarray(model.predict(test, verbose=0)).argmax(axis=-1)
+    return per_class_results(labels, predicted, class_names)
 
 
 def _sayer(console):
@@ -855,7 +893,7 @@ def _environment(policy, strategy_name, strategy, gpu):
 
 
 def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, pipelines, steps,
-               from_logits, teacher, console, recalibration_images=None, num_classes=None):
+               from_logits, teacher, console, recalibration_images=None, num_classes=None, class_names=None):
     """Train one model in `folder` (resuming there), test its best checkpoint; result dict."""
     done = folder / "result.json"
     say = _sayer(console)
@@ -928,6 +966,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         "distilled": teacher is not None, "initial": initial,
         "warnings": [chance.warning] if chance.warning else [],
     }
+    if class_names is not None:
+        result["per_class"] = _per_class(model, pipelines["test"], class_names)
     say(f"{label}: test accuracy {100 * test_acc:.2f}%  loss {test_loss:.4f}  "
         f"(best epoch {result['best_epoch']} of {recipe.epochs})", highlight=False)
     write_json(done, result, force=True)

@@ -17,9 +17,11 @@ from keffconvert.commands.training_options import data_options, training_options
               help="Run folder (checkpoints, report.json, report.md, plots). Default: runs/<model>-<mode>.")
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a finished or different run.")
 @click.option("-c", "--channels-per-group", type=click.IntRange(min=1), default=16, help="The paper's cpg.")
+@click.option("--heatmaps", "heatmap_images", type=click.IntRange(0, 32), default=4,
+              help="Grad-CAM heatmaps of this many test images in the report (0: none).")
 @training_options
 def train_command(model, data, mode, with_original, out, force, channels_per_group, include, exclude, image_size,
-                  input_scale, calibration, calibration_samples, unsafe, quiet, **recipe_options):
+                  input_scale, calibration, calibration_samples, unsafe, quiet, heatmap_images, **recipe_options):
     """Convert MODEL, train the converted model (and the original with --with-original) and report
     parameters saved against test accuracy, like the paper's Table 1.
 
@@ -42,7 +44,7 @@ def train_command(model, data, mode, with_original, out, force, channels_per_gro
                    channels_per_group=channels_per_group, include=list(include), exclude=list(exclude),
                    image_size=image_size, input_scale=input_scale, calibration=calibration,
                    calibration_samples=calibration_samples, force=force, unsafe=unsafe,
-                   console=progress, command=command)
+                   console=progress, command=command, heatmap_images=heatmap_images)
     print_summary(report, Console())
     run_dir = report["run_dir"]
     click.echo(f"wrote {run_dir}/report.md, {run_dir}/report.json and plots ({time.time() - start:.0f} s)")
