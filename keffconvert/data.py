@@ -1,12 +1,20 @@
-"""Training data: find it, check it, split it. Pure numpy; decoding and tf.data live in `data_tf`.
+"""Training data: find it, check it, split it. Pure numpy; decoding and tf.data live in `data_tf`,
+`data_stream` and `tfrecords`.
 
-Three sources, all ending as a `Dataset` of uint8 images in [0, 255] at the model's input size:
+Four sources, all giving uint8 images in [0, 255] at the model's input size. `digits` and `.npz`
+are small and held in memory (`Dataset`); image folders and TFRecord shards are streamed from disk
+(`data_stream.StreamDataset`, opened by `open_data`), with the splits computed from the file list:
 
 * `digits`: scikit-learn's 1,797 real 8x8 handwritten digits, upscaled, RGB (no user files);
 * an `.npz` with `x_train`, `y_train`, `x_test`, `y_test` (optionally `x_val`, `y_val`,
   `class_names`); images (N, H, W[, C]) in [0, 1] or [0, 255], labels integers (or one-hot);
 * an image folder with one subfolder per class, either directly (`DIR/cat/*.jpg`) or split
-  (`DIR/train/cat/*.jpg` and `DIR/test/cat/*.jpg`, optionally `DIR/val/...`).
+  (`DIR/train/cat/*.jpg` and `DIR/test/cat/*.jpg`, optionally `DIR/val/...`);
+* TFRecord shards (`keffconvert.tfrecords`): a folder of `NAME-train.tfrecord-*` (and `-test`,
+  `-validation`) shards, a glob for the training shards, or one `.tfrecord` file.
+
+Both kinds offer what training, calibration and fidelity use: `sizes`, `labels(split)`,
+`pipeline(split, batch_size, ...)` (tf.data) and `sample(splits, count, seed)` (uint8 arrays).
 
 Splits: the validation split (default 10%) is held out from the training images, stratified and
 seeded; the test split is the source's own, or (digits, a folder without `test/`) a stratified,
@@ -49,6 +57,30 @@ class Dataset:
     @property
     def image_shape(self):
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def sizes(self):
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def labels(self, split):
+        return getattr(self, f"y_{split}")
+
+    def pipeline(self, split, batch_size, *, scale="raw", training=False, augment=None, seed=0, repeat=False,
+                 cache=None):
+        """A batched tf.data pipeline over one split (`data_tf.make_dataset`; `cache` is moot here)."""
+        from keffconvert.data_tf import make_dataset
+
+        return make_dataset(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"), batch_size, scale=scale,
+                            training=training, augment=augment, seed=seed, repeat=repeat)
+
+    def sample(self, splits=("train",), count=None, seed=None):
+        """`count` images of `splits` (joined in order) drawn with `seed`, in their order in the
+        split, or the first `count` without a seed (all with neither)."""
+        parts = [getattr(self, f"x_{split}") for split in splits]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if seed is None:
+            return x[:count]
+        return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:count])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +185,42 @@ def to_uint8(x):
 # Sources
 
 
+def is_streamed(spec):
+    """True for the sources read from disk as they are used: image folders and TFRecord shards."""
+    from keffconvert.tfrecords import is_tfrecord_spec
+
+    spec = os.fspath(spec)
+    return spec != "digits" and not spec.lower().endswith(".npz") and (Path(spec).is_dir() or is_tfrecord_spec(spec))
+
+
+def open_data(spec, image_size, channels=3, *, val_split=0.1, test_split=0.2, seed=0,
+              image_key="image/encoded", label_key="image/class/label"):
+    """The data for `spec`, streamed (image folder, TFRecords) or in memory (digits, .npz).
+
+    Only file lists and labels are read here; images are decoded as a pipeline or `sample` asks.
+    """
+    spec = os.fspath(spec)
+    if not is_streamed(spec):
+        return load_dataset(spec, image_size, channels, val_split=val_split, test_split=test_split, seed=seed)
+    if not 0 < val_split < 1:
+        raise DataError(f"validation split {val_split} must be between 0 and 1")
+    if not 0 < test_split < 1:
+        raise DataError(f"test split {test_split} must be between 0 and 1")
+    shape = (int(image_size[0]), int(image_size[1]), int(channels))
+    from keffconvert.tfrecords import is_tfrecord_spec
+
+    if is_tfrecord_spec(spec):
+        from keffconvert.tfrecords import open_tfrecords
+
+        return open_tfrecords(spec, shape, val_split=val_split, test_split=test_split, seed=seed,
+                              image_key=image_key, label_key=label_key)
+    return open_folder(Path(spec), shape, val_split=val_split, test_split=test_split, seed=seed)
+
+
 def load_dataset(spec, image_size, channels=3, *, val_split=0.1, test_split=0.2, seed=0):
-    """The `Dataset` for `spec` ('digits', an .npz path or an image folder) at `image_size` (h, w)."""
+    """The in-memory `Dataset` for `spec` ('digits', an .npz, an image folder or TFRecords) at
+    `image_size` (h, w). Folders and TFRecords are decoded whole through their stream: for small
+    data; training streams them (`open_data`)."""
     if not 0 < val_split < 1:
         raise DataError(f"validation split {val_split} must be between 0 and 1")
     if not 0 < test_split < 1:
@@ -165,8 +231,9 @@ def load_dataset(spec, image_size, channels=3, *, val_split=0.1, test_split=0.2,
         parts = _digits(test_split, seed)
     elif spec.lower().endswith(".npz"):
         parts = _npz(Path(spec), test_split, seed)
-    elif Path(spec).is_dir():
-        parts = _folder(Path(spec), (height, width), channels, test_split, seed)
+    elif is_streamed(spec):
+        return open_data(spec, (height, width), channels, val_split=val_split, test_split=test_split,
+                         seed=seed).to_arrays()
     elif Path(spec).exists():
         raise DataError(f"{spec}: not a folder of images nor an .npz file")
     else:
@@ -273,31 +340,56 @@ def list_image_folder(root):
     return classes, files
 
 
-def _folder(root, size, channels, test_split, seed):
-    from keffconvert.data_tf import decode_images
+def open_folder(root, image_shape, *, val_split, test_split, seed):
+    """The `StreamDataset` of an image folder: file lists per split, nothing decoded yet."""
+    from keffconvert.data_stream import FileSplit, StreamDataset
 
+    names, parts, description = folder_files(root, test_split, seed)
+    if "val" not in parts:
+        paths, labels = parts["train"]
+        kept, held = stratified_split(labels, val_split, seed)
+        if len(held) == 0:
+            raise DataError(f"too few images ({len(labels)}) to hold out a validation split of {val_split:.0%}")
+        parts["train"], parts["val"] = (paths[kept], labels[kept]), (paths[held], labels[held])
+        description["val_source"] = f"{val_split:.0%} of the training images, stratified, seed {seed}"
+    else:
+        description["val_source"] = "the data's own validation split"
+    description.update(image_size=list(image_shape), classes=len(names), class_names=list(names),
+                       **{s: int(len(parts[s][1])) for s in ("train", "val", "test")}, streamed=True)
+    splits = {s: FileSplit(*parts[s]) for s in ("train", "val", "test")}
+    return StreamDataset(splits, list(names), tuple(image_shape), description)
+
+
+def folder_files(root, test_split, seed):
+    """(class names, {split: (paths, labels)}, description) of an image folder, split as documented
+    at the top: the folder's own train/test (and val) folders, or a stratified, seeded hold-out."""
     train_root = _find_split_folder(root, "train")
     test_root = _find_split_folder(root, "test")
     if (train_root is None) != (test_root is None):
         raise DataError(f"{root} has a {'train' if train_root else 'test'} folder but no "
                         f"{'test' if train_root else 'train'} folder")
+
+    def arrays(files):
+        return np.array([str(p) for p, _ in files]), np.array([c for _, c in files], dtype=np.int64)
+
     if train_root is None:
         if not any(root.iterdir()):
             raise DataError(f"{root} is empty (expected {root}/<class>/<image>)")
         names, files = list_image_folder(root)
-        x = decode_images([p for p, _ in files], size, channels)
-        y = np.array([c for _, c in files], dtype=np.int64)
-        x_train, y_train, x_test, y_test = hold_out(x, y, test_split, seed, "test")
+        paths, labels = arrays(files)
+        kept, held = stratified_split(labels, test_split, seed)
+        if len(held) == 0:
+            raise DataError(f"too few images ({len(labels)}) to hold out a test split of {test_split:.0%}")
         description = {
             "source": str(root),
             "kind": f"image folder, {len(names)} classes, {len(files)} images",
             "test_source": f"the folder has no test split: {test_split:.0%} of its images held out, "
                            f"stratified, seed {seed}; never used for model selection",
         }
-        return x_train, y_train, None, None, x_test, y_test, names, description
+        return names, {"train": (paths[kept], labels[kept]), "test": (paths[held], labels[held])}, description
 
     names, train_files = list_image_folder(train_root)
-    parts = {"train": train_files}
+    parts = {"train": arrays(train_files)}
     val_root = _find_split_folder(root, "val")
     for split, folder in (("val", val_root), ("test", test_root)):
         if folder is None:
@@ -306,13 +398,10 @@ def _folder(root, size, channels, test_split, seed):
         unknown = sorted(set(split_names) - set(names))
         if unknown:
             raise DataError(f"{folder} has classes not in {train_root}: {', '.join(unknown[:5])}")
-        parts[split] = [(p, names.index(split_names[c])) for p, c in split_files]
-    arrays = {split: (decode_images([p for p, _ in files], size, channels),
-                      np.array([c for _, c in files], dtype=np.int64)) for split, files in parts.items()}
-    val = arrays.get("val", (None, None))
+        parts[split] = arrays([(p, names.index(split_names[c])) for p, c in split_files])
     description = {
         "source": str(root),
         "kind": f"image folder with train/test splits, {len(names)} classes",
         "test_source": f"{test_root}; never used for model selection",
     }
-    return (*arrays["train"], *val, *arrays["test"], names, description)
+    return names, parts, description

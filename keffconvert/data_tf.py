@@ -1,7 +1,8 @@
 """The TensorFlow side of the data: decode and resize images, build tf.data pipelines, augment.
 
 Kept apart from `keffconvert.data` (numpy checks and splits) because it needs TensorFlow itself,
-not only Keras: `tf.io.decode_image` and `tf.data`.
+not only Keras: `tf.image` and `tf.data`. Streamed sources (folders, TFRecords) decode in
+`keffconvert.data_stream`.
 """
 
 from __future__ import annotations
@@ -37,23 +38,6 @@ def convert_channels(x, channels):
     raise DataError(f"images have {x.shape[-1]} channels; the model takes {channels}")
 
 
-def decode_images(paths, size, channels=3):
-    """Decode image files into one uint8 array (N, height, width, channels); DataError naming a bad file."""
-    height, width = size
-    out = np.empty((len(paths), height, width, channels), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            data = tf.io.read_file(str(path))
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        except (tf.errors.OpError, ValueError) as error:
-            reason = getattr(error, "message", str(error)).strip().splitlines()[0]
-            raise DataError(f"cannot decode image {path}: {reason}") from None
-        image = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
-        image = np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
-        out[i] = convert_channels(image[None], channels)[0]
-    return out
-
-
 def scale_pixels(images, scale):
     """uint8 0..255 -> float32 in the range the model expects (`keffconvert.model_inputs.INPUT_SCALES`)."""
     x = tf.cast(images, tf.float32)
@@ -82,15 +66,18 @@ def augmenter(shift=0.1, zoom=0.1, flip=False, seed=0):
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 
-def make_dataset(x, y, batch_size, *, scale="raw", training=False, augment=None, seed=0):
+def make_dataset(x, y, batch_size, *, scale="raw", training=False, augment=None, seed=0, repeat=False):
     """A batched, prefetched tf.data pipeline over in-memory uint8 images and integer labels.
 
     Training pipelines reshuffle every epoch (seeded) and apply `augment` (a Keras layer or None)
-    to the 0..255 pixels before scaling.
+    to the 0..255 pixels before scaling. `repeat` makes the pipeline endless (`steps_per_epoch`).
+    Image folders and TFRecords are streamed instead (`keffconvert.data_stream`).
     """
     ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64)))
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     ds = ds.batch(batch_size)
     if training and augment is not None:
         ds = ds.map(lambda a, b: (scale_pixels(augment(tf.cast(a, tf.float32), training=True), scale), b),
@@ -102,10 +89,3 @@ def make_dataset(x, y, batch_size, *, scale="raw", training=False, augment=None,
 
 def gpu_available():
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-def make_strategy(name):
-    """`tf.distribute.MirroredStrategy()` for 'mirrored', the default strategy otherwise."""
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()

@@ -35,11 +35,19 @@ def _correlation(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def probe_images(source, model, limit=256):
-    """Images to compare on: an .npz's `x` (or `x_test`), or 'digits' resized to the model input."""
+def probe_images(source, model, limit=256, **source_options):
+    """Images to compare on: an .npz's `x` (or `x_test`), 'digits' resized to the model input, or
+    the first `limit` test images of an image folder or TFRecord shards, read through the training
+    stream (`keffconvert.data_stream`) and scaled as the model takes them ('raw' 0..255 for a model
+    that rescales its own input, else 0..1)."""
     from keffconvert.errors import DataError
 
     shape = tuple(model.inputs[0].shape[1:])
+    if source != "digits" and not str(source).lower().endswith(".npz"):
+        from keffconvert.data import is_streamed
+
+        if is_streamed(source):
+            return _streamed_probe(source, model, limit, source_options)
     if source == "digits":
         from keffconvert.digits import digits_images
 
@@ -55,3 +63,13 @@ def probe_images(source, model, limit=256):
     if tuple(x.shape[1:]) != shape and None not in shape:
         raise DataError(f"{source} holds images of shape {x.shape[1:]}, the model takes {shape}")
     return x
+
+
+def _streamed_probe(source, model, limit, source_options):
+    from keffconvert.data import open_data
+    from keffconvert.model_inputs import model_image_shape, scale_pixels
+    from keffconvert.train import guess_input_scale
+
+    height, width, channels = model_image_shape(model)
+    dataset = open_data(source, (height, width), channels, **source_options)
+    return scale_pixels(dataset.sample(("test",), limit), guess_input_scale(model))

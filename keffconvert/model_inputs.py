@@ -45,23 +45,25 @@ class CalibrationImages:
     description: str
 
 
-def calibration_images(spec, model, *, samples=512, held_out=512, seed=0, scale="auto"):
+def calibration_images(spec, model, *, samples=512, held_out=512, seed=0, scale="auto", **source_options):
     """`samples` seeded training images and up to `held_out` test images of `spec` for `model`.
 
-    `spec` is what `train --data` takes: 'digits', an .npz or an image folder. `scale` 'auto'
-    feeds 0..255 to a model that rescales its own input (Keras EfficientNet), else 0..1.
+    `spec` is what `train --data` takes: 'digits', an .npz, an image folder or TFRecord shards
+    (read through the same stream as training, only the sampled images decoded; `source_options`:
+    `image_key`, `label_key`). `scale` 'auto' feeds 0..255 to a model that rescales its own input
+    (Keras EfficientNet), else 0..1.
     """
-    from keffconvert.data import load_dataset
+    from keffconvert.data import open_data
     from keffconvert.train import guess_input_scale
 
     height, width, channels = model_image_shape(model)
-    dataset = load_dataset(spec, (height, width), channels, seed=seed)
-    pool = np.concatenate([dataset.x_train, dataset.x_val])
-    if len(pool) == 0 or len(dataset.x_test) == 0:
+    dataset = open_data(spec, (height, width), channels, seed=seed, **source_options)
+    sizes = dataset.sizes
+    if sizes["train"] + sizes["val"] == 0 or sizes["test"] == 0:
         raise DataError(f"{spec}: no images to calibrate on")
-    picked = np.random.default_rng(seed).permutation(len(pool))[:samples]
+    pool = dataset.sample(("train", "val"), samples, seed)
     scale = guess_input_scale(model) if scale == "auto" else scale
-    test = dataset.x_test[:held_out]
-    description = (f"{len(picked)} calibration images from the training split of {spec}, "
+    test = dataset.sample(("test",), held_out)
+    description = (f"{len(pool)} calibration images from the training split of {spec}, "
                    f"{len(test)} held-out test images for agreement, pixels '{scale}'")
-    return CalibrationImages(scale_pixels(pool[np.sort(picked)], scale), scale_pixels(test, scale), description)
+    return CalibrationImages(scale_pixels(pool, scale), scale_pixels(test, scale), description)

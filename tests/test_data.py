@@ -116,10 +116,10 @@ def _one_class(tmp_path):
 
 
 def _undecodable(tmp_path):
-    write_images(tmp_path / "bad" / "a", 3)
-    write_images(tmp_path / "bad" / "b", 3)
+    for name in "abcdefghij":  # the model's 10 classes: the file is only read while training
+        write_images(tmp_path / "bad" / name, 10)
     (tmp_path / "bad" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    return tmp_path / "bad", "cannot decode image"
+    return tmp_path / "bad", "broken.png"
 
 
 def _mismatched(tmp_path):
@@ -167,7 +167,10 @@ def test_bad_data_is_one_line_and_exit_code_6(case, tmp_path, model_file):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("keffconvert: error: "), result.stderr
     assert expected in lines[0]
-    assert not (tmp_path / "run").exists()  # nothing written, so a corrected command is not refused
+    if case is _undecodable:  # found while streaming: the run folder is kept, to resume once fixed
+        assert "cannot decode image" in lines[0]
+    else:
+        assert not (tmp_path / "run").exists()  # nothing written, so a corrected command is not refused
 
 
 def test_bad_data_from_python_raises_data_error(tmp_path):

@@ -10,7 +10,14 @@ import click
 DATA_OPTIONS = [
     click.option("--data", default="digits", metavar="DATA",
                  help="'digits' (built in), an .npz with x_train/y_train/x_test/y_test, or a folder with one "
-                      "subfolder per class (or train/ and test/ folders of those)."),
+                      "subfolder per class (or train/ and test/ folders of those), or TFRecord shards: a folder of "
+                      "NAME-train.tfrecord-* (and -test, -validation) files or a quoted glob for the training shards. "
+                      "Folders and shards are streamed from disk."),
+    click.option("--cache", default=None, metavar="WHERE",
+                 help="Folders and TFRecords: keep the decoded images after the first epoch, 'memory' or a file "
+                      "prefix on disk. Default: decode every epoch (memory stays flat)."),
+    click.option("--image-key", default="image/encoded", help="TFRecords: the feature holding the encoded image."),
+    click.option("--label-key", default="image/class/label", help="TFRecords: the feature holding the class."),
     click.option("--mode", type=click.Choice(["scratch", "finetune"]), default="scratch",
                  help="scratch: re-initialise every weight (the paper's protocol); finetune: start from the "
                       "converter's transferred weights."),
@@ -24,6 +31,9 @@ TRAINING_OPTIONS = [
     click.option("--epochs", type=click.IntRange(min=1), default=None,
                  help="Epochs per model. Default: 50 (the paper's CIFAR-10 figure); finetune: 3."),
     click.option("--batch-size", type=click.IntRange(min=1), default=64),
+    click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Batches per epoch, over an endless shuffled stream (as Model.fit): short epochs over big data. "
+                      "Default: one pass over the training split."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Learning rate of epoch 0. Default: 0.003 (the paper's); finetune: 1e-4."),
     click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=None,
@@ -53,9 +63,12 @@ TRAINING_OPTIONS = [
     click.option("--track-test", is_flag=True,
                  help="Also evaluate the test split after every epoch, for curves (never used to pick the checkpoint)."),
     click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto",
-                 help="mixed_float16; auto turns it on when a GPU is visible."),
-    click.option("--strategy", type=click.Choice(["default", "mirrored"]), default="default",
-                 help="mirrored: tf.distribute.MirroredStrategy over every visible GPU."),
+                 help="Half-precision compute, float32 weights and output layer: mixed_float16 with loss scaling on "
+                      "a GPU, mixed_bfloat16 on a CPU; auto turns it on when a GPU is visible."),
+    click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default",
+                 help="mirrored: tf.distribute.MirroredStrategy over every visible GPU; multiworker: "
+                      "MultiWorkerMirroredStrategy over the machines the TF_CONFIG environment variable names (run "
+                      "the same command on each; --batch-size is the global batch; only the chief writes --out)."),
     click.option("--input-scale", type=click.Choice(["auto", "raw", "unit", "symmetric"]), default="auto",
                  help="Pixels fed to the model: raw 0..255, unit 0..1, symmetric -1..1; auto: raw when the model "
                       "rescales its own input (Keras EfficientNet), else unit."),
@@ -71,7 +84,7 @@ def _apply(options, command):
 
 
 def data_options(command):
-    """--data and --mode."""
+    """--data (with --cache, --image-key, --label-key, which reach the recipe) and --mode."""
     return _apply(DATA_OPTIONS, command)
 
 
