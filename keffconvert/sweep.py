@@ -38,6 +38,7 @@ MANIFEST = "sweep_run.json"
 REPORT_JSON, REPORT_MD, PLOT = "sweep_report.json", "sweep_report.md", "sweep.png"
 DEFAULT_SETTINGS = (4, 8, 16, 32, 64)
 COSTS = ("trainable_params", "macs")
+SET_BY_SWEEP = {"model", "data", "mode", "with_original", "out", "channels_per_group", "force", "console"}
 
 
 def parse_channels_per_group(value):
@@ -72,21 +73,27 @@ def pareto_front(points):
 
 def sweep(model, data="digits", *, channels_per_group=DEFAULT_SETTINGS, mode="scratch", out=None, recipe=None,
           include=None, exclude=None, image_size=None, input_scale="auto", calibration="train",
-          calibration_samples=512, variant=None, force=False, unsafe=False, console=None, command=None):
+          calibration_samples=512, variant=None, force=False, unsafe=False, console=None, command=None,
+          **train_options):
     """Convert and train `model` at each channels-per-group setting; return the sweep report.
 
     Arguments are `keffconvert.train.train`'s, except `channels_per_group` (a list, or '4,8,16'),
     `out` (the sweep folder, one run folder `cpg-N` per setting inside; default
     `runs/<model>-sweep`) and `variant` (passed to the conversion where `train` takes it).
+    Other keyword arguments of `train` (`train_options`) go to every run unchanged.
     The report is also written to `out` (JSON, Markdown, PNG).
     """
     from keffconvert.train import _source_name, recipe_from_options, train
 
     settings_list = parse_channels_per_group(channels_per_group)
     recipe = recipe or recipe_from_options(mode)
-    extra = {}
+    accepted = set(inspect.signature(train).parameters) - SET_BY_SWEEP
+    unknown = sorted(set(train_options) - accepted)
+    if unknown:
+        raise TypeError(f"sweep() got options that train() does not take: {', '.join(unknown)}")
+    extra = dict(train_options)
     if variant is not None:
-        if "variant" not in inspect.signature(train).parameters:
+        if "variant" not in accepted:
             raise UsageConflict("--variant is not available in this version of keffconvert train")
         extra["variant"] = variant
     name = _source_name(model)
@@ -98,7 +105,8 @@ def sweep(model, data="digits", *, channels_per_group=DEFAULT_SETTINGS, mode="sc
         "input_scale": input_scale, "recipe": asdict(recipe), "variant": variant,
         "calibration": os.fspath(calibration) if mode == "finetune" else None,
         "calibration_samples": int(calibration_samples),
-    }))
+        **({"train_options": train_options} if train_options else {}),
+    }, default=str))
     _start_sweep_dir(out, settings, force)
     say = (lambda text: None) if console is None else (lambda text: console.print(text, highlight=False,
                                                                                  soft_wrap=True))

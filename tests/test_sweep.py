@@ -166,3 +166,9 @@ def test_the_accuracy_before_training_is_a_column_only_when_measured(finished_sw
     header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
     row = next(line for line in markdown.splitlines() if line.startswith(f"| {report['rows'][0]['name']} |"))
     assert header.split(" | ").index(BEFORE_TRAINING) == row.split(" | ").index("43.21%")
+
+
+def test_options_train_does_not_take_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(TypeError, match="no_such_option"):
+        sweep("efficientnetb0", channels_per_group="4", out=tmp_path / "s", no_such_option=1)
+    assert not (tmp_path / "s").exists()

@@ -1,5 +1,6 @@
 """`keffconvert sweep MODEL`: convert and train at several channels-per-group settings, one report."""
 
+import inspect
 import shlex
 import sys
 import time
@@ -14,7 +15,9 @@ from keffconvert.commands.training_options import data_options, training_options
 @data_options
 @click.option("-c", "--channels-per-group", default="4,8,16,32,64", metavar="N,N,...",
               help="The settings to compare, separated by commas.")
-@click.option("--variant", default=None, help="The conversion method, passed to each run (where train takes it).")
+@click.option("--variant", type=click.Choice(["2021", "2022"]), default=None,
+              help="The conversion method, as in train (2021: docs/METHOD.md; 2022: without divisibility "
+                   "constraints). Default: train's.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Sweep folder: one run folder cpg-N per setting, sweep_report.json/.md and sweep.png. "
                    "Default: runs/<model>-sweep.")
@@ -22,7 +25,7 @@ from keffconvert.commands.training_options import data_options, training_options
                                             "different sweep.")
 @training_options
 def sweep_command(model, data, mode, channels_per_group, variant, out, force, include, exclude, image_size,
-                  input_scale, calibration, calibration_samples, unsafe, quiet, **recipe_options):
+                  input_scale, calibration, calibration_samples, unsafe, quiet, **options):
     """Convert MODEL at each channels-per-group setting, train (or fine-tune) each with the same
     recipe, and report test accuracy against trainable parameters and MACs, the original as the
     reference point and the Pareto front marked.
@@ -37,17 +40,21 @@ def sweep_command(model, data, mode, channels_per_group, variant, out, force, in
     """
     from rich.console import Console
 
-    from keffconvert.sweep import REPORT_JSON, REPORT_MD, PLOT, sweep
-    from keffconvert.train import recipe_from_options
+    from keffconvert.sweep import PLOT, REPORT_JSON, REPORT_MD, SET_BY_SWEEP, sweep
+    from keffconvert.train import recipe_from_options, train
 
-    recipe = recipe_from_options(mode, **recipe_options)
+    recipe = recipe_from_options(mode, **options)
+    # options train() takes itself (data loading, say) go to every run, where they differ from its defaults
+    parameters = inspect.signature(train).parameters
+    passed = {k: v for k, v in options.items()
+              if k in parameters and k not in SET_BY_SWEEP and v != parameters[k].default}
     progress = None if quiet else Console(stderr=True)
     command = "keffconvert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     start = time.time()
     report = sweep(model, data, channels_per_group=channels_per_group, mode=mode, out=out, recipe=recipe,
                    include=list(include), exclude=list(exclude), image_size=image_size, input_scale=input_scale,
                    calibration=calibration, calibration_samples=calibration_samples, variant=variant, force=force,
-                   unsafe=unsafe, console=progress, command=command)
+                   unsafe=unsafe, console=progress, command=command, **passed)
     print_sweep(report, Console())
     folder = report["out"]
     click.echo(f"wrote {folder}/{REPORT_MD}, {folder}/{REPORT_JSON} and {folder}/{PLOT} "
