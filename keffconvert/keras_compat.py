@@ -19,8 +19,8 @@ from contextlib import contextmanager
 # an instance of this class; a subclassed `keras.Model` is not one.
 from keras.src.models.functional import Functional
 
-__all__ = ["is_functional", "nodes_by_depth", "producing_layer", "safe_mode_off", "sequential_graph",
-           "set_initial_epoch"]
+__all__ = ["fix_multiworker_fit", "is_functional", "nodes_by_depth", "producing_layer", "safe_mode_off",
+           "sequential_graph", "set_initial_epoch"]
 
 
 def is_functional(obj):
@@ -77,3 +77,47 @@ def set_initial_epoch(model, epoch):
     keras/src/backend/tensorflow/trainer.py).
     """
     model._initial_epoch = epoch
+
+
+def fix_multiworker_fit():
+    """Let `Model.fit`/`evaluate` run under `tf.distribute.MultiWorkerMirroredStrategy` (TensorFlow
+    backend only; called by `keffconvert.distribute_tf` once that strategy exists).
+
+    Keras 3 fails there in two places (keras-team/keras#20585, open): the symbolic build before the
+    first step all-reduces the first batch as a whole structure, which the collective ops refuse
+    (take this worker's first replica's batch instead: it only fixes shapes and dtypes), and the
+    step's metrics are averaged across workers with `axis=0`, which fails for scalars (average
+    them element-wise, `axis=None`). Both changes act only under that strategy in multi-worker
+    mode. Checked on Keras 3.15.1 only (`TensorFlowTrainer._maybe_symbolic_build` and the module
+    functions `reduce_per_replica` and `_collective_all_reduce_multi_worker`, all in
+    keras/src/backend/tensorflow/trainer.py); `tests/test_distribute.py` fails if they move.
+    """
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_keffconvert_multiworker_fix", False):
+        return
+    build, reduce = trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is not None and data_batch is None and strategy is not None \
+                and trainer._collective_all_reduce_multi_worker(strategy):
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                break
+            iterator = None
+        return build(self, iterator=iterator, data_batch=data_batch)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return reduce(values, strategy, reduction)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer._keffconvert_multiworker_fix = True

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -54,6 +54,8 @@ MODES = ("scratch", "finetune")
 OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd")
 RUN_FILES = ("report.json", "report.md", "run.json")
 MODEL_DIRS = ("original", "converted")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # layers whose precision --mixed-precision sets
+FIDELITY_IMAGES = 2048  # test images the agreement before fine-tuning is measured on (at most)
 
 
 @dataclass
@@ -84,10 +86,16 @@ class Recipe:
     flip: bool = False
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
-    mixed_precision: str = "auto"  # auto: mixed_float16 when a GPU is visible; "on"; "off"
-    strategy: str = "default"  # or "mirrored": tf.distribute.MirroredStrategy
+    mixed_precision: str = "auto"  # auto: on when a GPU is visible; "on"; "off" (see precision_policy)
+    strategy: str = "default"  # "mirrored" (local GPUs), "multiworker" (TF_CONFIG): keffconvert.distribute_tf
     bn_mode: str = "train"  # or "frozen", "recalibrate": see keffconvert.finetune
     track_test: bool = False  # also evaluate the test split after every epoch (curves only)
+    # How the data is read (keffconvert.data_stream): None runs each epoch over the training split
+    # once; N runs N batches an epoch over an endless stream (as Model.fit's steps_per_epoch).
+    steps_per_epoch: int | None = None
+    cache: str | None = None  # streamed data: keep decoded images, "memory" or a file prefix
+    image_key: str = "image/encoded"  # TFRecord feature keys
+    label_key: str = "image/class/label"
 
     def learning_rate(self, epoch):
         """The learning rate of `epoch` (0-based): lr * lr_decay ** epoch."""
@@ -99,6 +107,8 @@ class Recipe:
             problems.append(f"epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch size must be at least 1 (got {self.batch_size})")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            problems.append(f"steps per epoch must be at least 1 (got {self.steps_per_epoch})")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
             problems.append(f"need lr > 0 and 0 < lr-decay <= 1 (got {self.lr}, {self.lr_decay})")
         if self.optimizer not in OPTIMIZERS:
@@ -111,14 +121,15 @@ class Recipe:
             problems.append(f"mixed precision must be auto, on or off (got {self.mixed_precision!r})")
         if self.bn_mode not in BN_MODES:
             problems.append(f"bn mode must be one of {', '.join(BN_MODES)} (got {self.bn_mode!r})")
-        if self.strategy not in ("default", "mirrored"):
-            problems.append(f"strategy must be default or mirrored (got {self.strategy!r})")
+        if self.strategy not in ("default", "mirrored", "multiworker"):
+            problems.append(f"strategy must be default, mirrored or multiworker (got {self.strategy!r})")
         if problems:
             raise UsageConflict("; ".join(problems))
 
     def describe(self):
         text = (f"{self.optimizer} lr {self.lr:g} * {self.lr_decay:g}**epoch, batch {self.batch_size}, "
-                f"{self.epochs} epochs, seed {self.seed}, ")
+                f"{self.epochs} epochs"
+                + (f" of {self.steps_per_epoch} steps" if self.steps_per_epoch else "") + f", seed {self.seed}, ")
         if self.augment:
             parts = [f"shift {self.shift:g}" if self.shift else "", f"zoom {self.zoom:g}" if self.zoom else "",
                      "horizontal flip" if self.flip else ""]
@@ -164,17 +175,18 @@ def guess_input_scale(model):
 def rebuild(model, *, dtype="float32", copy_weights=False):
     """A fresh copy of `model` built from its layers' configs (so freshly initialised).
 
-    `dtype` other than float32 (mixed_float16) applies to every layer but the output layer, which
-    stays float32 so the softmax and the loss are computed in full precision. `copy_weights`
-    copies every weight over (fine-tuning); otherwise nothing is transferred except the state of
-    `Normalization` layers, which is input preprocessing rather than something training learns.
+    `dtype` (float32, mixed_float16, mixed_bfloat16) becomes the policy of every floating-point
+    layer, whatever policy the model was saved with, except the output layer, which is float32 so
+    the softmax and the loss are computed in full precision. `copy_weights` copies every weight
+    over (fine-tuning); otherwise nothing is transferred except the state of `Normalization`
+    layers, which is input preprocessing rather than something training learns.
     """
     keep = {output_layer(model).name}
 
     def clone(layer):
         config = layer.get_config()
-        if dtype != "float32" and layer.name not in keep and "dtype" in config:
-            config["dtype"] = dtype
+        if "dtype" in config and getattr(layer, "compute_dtype", None) in FLOAT_DTYPES:
+            config["dtype"] = "float32" if layer.name in keep else dtype
         return layer.__class__.from_config(config)
 
     new = keras.models.clone_model(model, clone_function=clone, recursive=True)
@@ -197,6 +209,21 @@ def dtype_policy(name):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def precision_policy(setting, gpu):
+    """The Keras dtype policy for `--mixed-precision` `setting` ('auto', 'on', 'off').
+
+    On a GPU, mixed_float16 (what the paper trained in): Keras wraps the optimizer in a
+    `LossScaleOptimizer` so small float16 gradients do not underflow. On a CPU ('on' only; 'auto'
+    stays float32 there), mixed_bfloat16: TensorFlow's CPU kernels run every layer keffconvert
+    trains in both, but bfloat16 has float32's exponent range, so it needs no loss scaling, and it
+    is the half format CPUs accelerate (AVX512-BF16, AMX). Either way `rebuild` keeps the output
+    layer in float32, and the losses (the distillation term too) are computed in float32.
+    """
+    if setting == "off" or (setting == "auto" and not gpu):
+        return "float32"
+    return "mixed_float16" if gpu else "mixed_bfloat16"
 
 
 @keras.saving.register_keras_serializable(package="keffconvert")
@@ -649,10 +676,16 @@ def _image_input_shape(model):
 
 
 def load_model_and_data(model, data, *, image_size, recipe, unsafe):
-    """(source model, Dataset): the data at the model's input size, the model's classes checked."""
-    from keffconvert.data import load_dataset
+    """(source model, data): the data at the model's input size, the model's classes checked.
+
+    The data is a `data.Dataset` (digits, .npz: in memory) or a `data_stream.StreamDataset` (image
+    folders, TFRecords: file lists only, decoded as training reads them).
+    """
+    from keffconvert.data import open_data as load_dataset
 
     split = dict(val_split=recipe.val_split, test_split=recipe.test_split, seed=recipe.seed)
+    if recipe.image_key != "image/encoded" or recipe.label_key != "image/class/label":
+        split.update(image_key=recipe.image_key, label_key=recipe.label_key)
     if isinstance(model, str) and not is_model_path(model):
         from keffconvert.loading import load_model
 
@@ -682,7 +715,7 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
 def train(model, data="digits", *, mode="scratch", with_original=False, out=None, recipe=None,
           channels_per_group=16, include=None, exclude=None, image_size=None, input_scale="auto",
           calibration="train", calibration_samples=512, force=False, unsafe=False, console=None, command=None,
-          heatmap_images=4):
+          heatmap_images=4, variant="2021"):
     """Convert `model`, train the converted model (and the original if `with_original`), report.
 
     Args:
@@ -692,7 +725,7 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         with_original: also train the unconverted model, for the accuracy comparison.
         out: the run folder (default `runs/<model>-<mode>`).
         recipe: a `Recipe`; defaults are the paper's.
-        channels_per_group, include, exclude: as for `keffconvert.convert`.
+        channels_per_group, include, exclude, variant: as for `keffconvert.convert`.
         image_size: square input side for a built-in name (default 224) or a model without a
             fixed input size.
         input_scale: pixels fed to the model: 'raw' 0..255, 'unit' 0..1, 'symmetric' -1..1, or
@@ -711,13 +744,16 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         The report (the dict written to `report.json`).
     """
     from keffconvert.convert import convert
-    from keffconvert.data_tf import gpu_available, make_dataset, make_strategy
+    from keffconvert.data_stream import data_errors
+    from keffconvert.data_tf import gpu_available
+    from keffconvert.distribute_tf import WorkerRunDir, start_strategy
     from keffconvert.model_inputs import INPUT_SCALES
 
     recipe = recipe or recipe_from_options(mode)
     if mode not in MODES:
         raise UsageConflict(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
     recipe.validate(mode)
+    strategy, worker = start_strategy(recipe.strategy)  # multiworker: before anything else runs TensorFlow
     if input_scale not in ("auto", *INPUT_SCALES):
         raise UsageConflict(f"input scale must be auto or one of {', '.join(INPUT_SCALES)}")
     name = _source_name(model)
@@ -730,19 +766,28 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         "recipe": asdict(recipe),
         "calibration": (os.fspath(calibration) if mode == "finetune" else None),
         "calibration_samples": int(calibration_samples),
+        **({"variant": str(variant)} if str(variant) != "2021" else {}),  # runs from before --variant still resume
     }))
+    if str(variant) == "2022" and mode == "finetune" and str(calibration) != "none":
+        raise UsageConflict("--variant 2022 has no data-aware fit yet; fine-tune it with --calibration none")
+    run_dir = WorkerRunDir(out, worker, force)  # only the chief writes `out`; other workers a temporary copy
+    out = run_dir.path
     resumed = check_run_dir(out, settings, force)
     say = _sayer(console)
+    if worker is not None:
+        say(f"multi-worker training: this is {worker.describe()}"
+            + ("" if worker.is_chief else f"; the chief writes {run_dir.out}"), highlight=False)
 
     source, dataset = load_model_and_data(model, data, image_size=image_size, recipe=recipe, unsafe=unsafe)
     scale = guess_input_scale(source) if input_scale == "auto" else input_scale
     from_logits = not ends_in_softmax(source)
-    images = _calibration(calibration, calibration_samples, source, dataset, scale, recipe.seed) \
+    images = _calibration(calibration, calibration_samples, source, dataset, scale, recipe) \
         if mode == "finetune" else None
     if images is not None:
         say(f"fitting the conversion to the original on {len(images)} images", highlight=False)
     converted, plan = convert(source, channels_per_group, include=list(include or []),
-                              exclude=list(exclude or []), transfer_weights=(mode == "finetune"), calibration=images)
+                              exclude=list(exclude or []), transfer_weights=(mode == "finetune"), calibration=images,
+                              variant=variant)
     if not plan.converted:
         raise UnsupportedModelError(f"{name}: no Conv2D is an eligible 1x1 convolution; nothing to train")
     if mode == "finetune" and isinstance(model, str) and not is_model_path(model):
@@ -754,10 +799,11 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         say(f"resuming the unfinished run in {out}", highlight=False)
 
     gpu = gpu_available()
-    policy = "mixed_float16" if recipe.mixed_precision == "on" or (recipe.mixed_precision == "auto" and gpu) \
-        else "float32"
-    strategy = make_strategy(recipe.strategy)
+    policy = precision_policy(recipe.mixed_precision, gpu)
     environment = _environment(policy, recipe.strategy, strategy, gpu)
+    if worker is not None:
+        environment.update(workers=worker.workers, worker=f"{worker.task_type}:{worker.index}",
+                           chief=worker.is_chief)
     augment = None
     if recipe.augment:
         from keffconvert.data_tf import augmenter
@@ -765,34 +811,36 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         augment = augmenter(recipe.shift, recipe.zoom, recipe.flip, recipe.seed)
     global_batch = recipe.batch_size
     pipelines = {
-        "train": make_dataset(dataset.x_train, dataset.y_train, global_batch, scale=scale, training=True,
-                              augment=augment, seed=recipe.seed),
-        "val": make_dataset(dataset.x_val, dataset.y_val, global_batch, scale=scale),
-        "test": make_dataset(dataset.x_test, dataset.y_test, global_batch, scale=scale),
+        "train": dataset.pipeline("train", global_batch, scale=scale, training=True, augment=augment,
+                                  seed=recipe.seed, repeat=recipe.steps_per_epoch is not None, cache=recipe.cache),
+        "val": dataset.pipeline("val", global_batch, scale=scale, cache=recipe.cache),
+        "test": dataset.pipeline("test", global_batch, scale=scale),
     }
-    steps = math.ceil(len(dataset.x_train) / global_batch)
+    steps = recipe.steps_per_epoch or math.ceil(dataset.sizes["train"] / global_batch)
 
     jobs = ([("original", source, name)] if with_original else []) \
         + [("converted", converted, f"kEffNet-{name} (cpg {channels_per_group})")]
     results = {}
     if mode == "finetune" and not with_original:
-        results["original"] = _reference(source, name, pipelines["test"],  # as it is, not retrained
-                                         class_names=dataset.class_names, folder=out / "original")
+        with data_errors(dataset):
+            results["original"] = _reference(source, name, pipelines["test"],  # as it is, not retrained
+                                             class_names=dataset.class_names, folder=out / "original")
     if mode == "finetune" and plan.fidelity is None:
         from keffconvert.fidelity import agreement
         from keffconvert.model_inputs import scale_pixels
 
-        plan.fidelity = agreement(source, converted, scale_pixels(dataset.x_test, scale))
+        plan.fidelity = agreement(source, converted, scale_pixels(dataset.sample(("test",), FIDELITY_IMAGES), scale))
         say(f"before training: top-1 agreement with the original {100 * plan.fidelity['top1_agreement']:.1f}% "
             f"on {plan.fidelity['samples']} test images", highlight=False)
     for key, template, label in jobs:
         teacher = source if (key == "converted" and mode == "finetune" and recipe.distill_weight > 0) else None
         try:
-            results[key] = _train_one(
-                key, template, label, out / key, recipe=recipe, mode=mode, policy=policy, strategy=strategy,
-                pipelines=pipelines, steps=steps, from_logits=from_logits, teacher=teacher, console=console,
-                recalibration_images=_recalibration_images(recipe, dataset, scale), num_classes=dataset.num_classes,
-                class_names=dataset.class_names)
+            with data_errors(dataset):  # an undecodable image: one line naming it; finished epochs kept
+                results[key] = _train_one(
+                    key, template, label, out / key, recipe=recipe, mode=mode, policy=policy, strategy=strategy,
+                    pipelines=pipelines, steps=steps, from_logits=from_logits, teacher=teacher, console=console,
+                    recalibration_images=_recalibration_images(recipe, dataset, scale),
+                    num_classes=dataset.num_classes, class_names=dataset.class_names)
         except KeyboardInterrupt:
             say(f"stopped during {label}; finished epochs are saved in {out}: run the same command to resume",
                 highlight=False)
@@ -803,6 +851,9 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     report = build_report(
         source=name, mode=mode, plan=plan, results=results, data=dataset.description, recipe=recipe,
         settings=settings, environment=environment, input_scale=scale, command=command, out=out)
+    if worker is not None and not worker.is_chief:
+        run_dir.cleanup()  # the chief writes the report
+        return report
     if heatmap_images:
         report["heatmaps"] = _report_heatmaps(out, dataset, scale, heatmap_images, say)
     write_report(report, out)
@@ -824,15 +875,16 @@ def _report_heatmaps(out, dataset, scale, images, say):
         return {"skipped": str(error)}
 
 
-def _calibration(spec, samples, source, dataset, scale, seed):
+def _calibration(spec, samples, source, dataset, scale, recipe):
     """Calibration images for the data-aware conversion, or None for the plain slices."""
     from keffconvert.model_inputs import calibration_images
 
     if spec is None or os.fspath(spec) == "none":
         return None
     if os.fspath(spec) == "train":
-        return _training_sample(dataset, scale, samples, seed)
-    return calibration_images(spec, source, samples=samples, seed=seed, scale=scale).calibration
+        return _training_sample(dataset, scale, samples, recipe.seed)
+    return calibration_images(spec, source, samples=samples, seed=recipe.seed, scale=scale,
+                              image_key=recipe.image_key, label_key=recipe.label_key).calibration
 
 
 def _recalibration_images(recipe, dataset, scale, samples=512):
@@ -843,8 +895,7 @@ def _training_sample(dataset, scale, samples, seed):
     """`samples` training images (a seeded draw, in their original order), scaled for the model."""
     from keffconvert.model_inputs import scale_pixels
 
-    picked = np.sort(np.random.default_rng(seed).permutation(len(dataset.x_train))[:samples])
-    return scale_pixels(dataset.x_train[picked], scale)
+    return scale_pixels(dataset.sample(("train",), samples, seed), scale)
 
 
 def _reference(source, name, test, class_names=None, folder=None):
@@ -895,8 +946,11 @@ def _environment(policy, strategy_name, strategy, gpu):
 def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, pipelines, steps,
                from_logits, teacher, console, recalibration_images=None, num_classes=None, class_names=None):
     """Train one model in `folder` (resuming there), test its best checkpoint; result dict."""
+    from keffconvert.distribute_tf import is_multiworker, same_progress
+
     done = folder / "result.json"
     say = _sayer(console)
+    same_progress(strategy, folder, label)  # several workers: all resume from the same epoch, or stop
     if done.exists():
         say(f"{label}: already trained in an earlier run ({done}); not retraining", highlight=False)
         return json.loads(done.read_text())
@@ -943,14 +997,17 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         highlight=False)
     with dtype_policy(policy):
         trainer.fit(pipelines["train"], validation_data=pipelines["val"], epochs=recipe.epochs, verbose=0,
-                    shuffle=False, callbacks=callbacks)  # the pipeline shuffles itself
+                    steps_per_epoch=recipe.steps_per_epoch, shuffle=False,
+                    callbacks=callbacks)  # the pipeline shuffles itself
     history = log.ordered(recipe.epochs)
     if len(history) != recipe.epochs or not best.path.exists():
         raise OutputError(f"{label}: training ended after {len(history)} of {recipe.epochs} epochs recorded in "
                           f"{folder} (was the run folder changed while training?); pass --force to start over")
 
     start = time.time()
-    with dtype_policy(policy), strategy.scope():
+    # Several workers: each tests the whole test split on its own (outside the strategy, which
+    # would average per-worker accuracies of unequal shards), so the figure is exact.
+    with dtype_policy(policy), (nullcontext() if is_multiworker(strategy) else strategy.scope()):
         model = keras.models.load_model(best.path, compile=False)
         model.compile(loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     test_loss, test_acc = model.evaluate(pipelines["test"], verbose=0)

@@ -17,11 +17,16 @@ from keffconvert.commands.training_options import data_options, training_options
               help="Run folder (checkpoints, report.json, report.md, plots). Default: runs/<model>-<mode>.")
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a finished or different run.")
 @click.option("-c", "--channels-per-group", type=click.IntRange(min=1), default=16, help="The paper's cpg.")
+@click.option("--variant", type=click.Choice(["2021", "2022"]), default="2021",
+              help="2021: the paper's rules (docs/METHOD.md); 2022: the follow-up without divisibility "
+                   "constraints (cpg channels per group whatever C and F are; scratch, or finetune with "
+                   "--calibration none).")
 @click.option("--heatmaps", "heatmap_images", type=click.IntRange(0, 32), default=4,
               help="Grad-CAM heatmaps of this many test images in the report (0: none).")
 @training_options
 def train_command(model, data, mode, with_original, out, force, channels_per_group, include, exclude, image_size,
-                  input_scale, calibration, calibration_samples, unsafe, quiet, heatmap_images, **recipe_options):
+                  input_scale, calibration, calibration_samples, unsafe, quiet, heatmap_images, variant,
+                  **recipe_options):
     """Convert MODEL, train the converted model (and the original with --with-original) and report
     parameters saved against test accuracy, like the paper's Table 1.
 
@@ -44,9 +49,13 @@ def train_command(model, data, mode, with_original, out, force, channels_per_gro
                    channels_per_group=channels_per_group, include=list(include), exclude=list(exclude),
                    image_size=image_size, input_scale=input_scale, calibration=calibration,
                    calibration_samples=calibration_samples, force=force, unsafe=unsafe,
-                   console=progress, command=command, heatmap_images=heatmap_images)
+                   console=progress, command=command, heatmap_images=heatmap_images, variant=variant)
     print_summary(report, Console())
     run_dir = report["run_dir"]
+    if report["environment"].get("chief") is False:  # a multi-worker run's other workers write nothing
+        click.echo(f"worker {report['environment']['worker']} done; the chief writes the report "
+                   f"({time.time() - start:.0f} s)")
+        return
     click.echo(f"wrote {run_dir}/report.md, {run_dir}/report.json and plots ({time.time() - start:.0f} s)")
 
 
