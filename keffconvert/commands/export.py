@@ -35,7 +35,8 @@ disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_M
               help="With --int8: one scale per weight tensor instead of per output channel. About half the file "
                    "for a kEffNet (its grouped filters have few weights each), usually a little less accurate.")
 @click.option("--calibration", metavar="DATA", default=None,
-              help="Representative images for --int8 and for the check: an .npz with x (or x_test), or 'digits'.")
+              help="Representative images for --int8 and for the check: an .npz with x (or x_test), 'digits', or an "
+                   "image folder or TFRecord shards (its test images, read through train's stream).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="How many calibration images to use.")
 @click.option("-o", "--output", type=click.Path(), default=None,
@@ -69,7 +70,7 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
     if per_tensor and not int8:
         raise click.UsageError("--per-tensor applies to --int8 only")
     if int8 and not calibration:
-        raise click.UsageError("--int8 needs --calibration DATA (representative images: an .npz with x, or 'digits')")
+        raise click.UsageError("--int8 needs --calibration DATA (representative images: an .npz with x, 'digits' or an image folder)")
     output = Path(output) if output else default_output(model, output_ending(fmt, int8))
     if fmt == "saved_model":
         check_writable_dir(output, force)
