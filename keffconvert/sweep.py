@@ -83,10 +83,13 @@ def sweep(model, data="digits", *, channels_per_group=DEFAULT_SETTINGS, mode="sc
     Other keyword arguments of `train` (`train_options`) go to every run unchanged.
     The report is also written to `out` (JSON, Markdown, PNG).
     """
-    from keffconvert.train import _source_name, recipe_from_options, train
+    from keffconvert.train import MODES, _source_name, recipe_from_options, train
 
     settings_list = parse_channels_per_group(channels_per_group)
+    if mode not in MODES:
+        raise UsageConflict(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
     recipe = recipe or recipe_from_options(mode)
+    recipe.validate(mode)  # refuse a bad recipe before the sweep folder is written
     accepted = set(inspect.signature(train).parameters) - SET_BY_SWEEP
     unknown = sorted(set(train_options) - accepted)
     if unknown:
