@@ -17,7 +17,8 @@ from keffconvert.layer_kinds import (is_elementwise, is_elementwise_activation_l
 from keffconvert.macs import layer_macs, model_macs
 from keffconvert.model_info import count_weights, input_shape
 from keffconvert.plan import LayerPlan, Plan
-from keffconvert.replacement import describe, dropped_settings
+from keffconvert.variant2022 import check_variant, decide, describe_decision
+from keffconvert.replacement import describe, describe_padded, dropped_settings
 
 
 
@@ -69,10 +70,18 @@ class Analysis:
         return any(id(layer) in self.chains for layer in model.layers)
 
 
-def analyze(model, channels_per_group=16, include=None, exclude=None):
-    """Walk `model` (nested models included) and decide, for every Conv2D, what happens to it."""
+def analyze(model, channels_per_group=16, include=None, exclude=None, per_layer=None, variant="2021"):
+    """Walk `model` (nested models included) and decide, for every Conv2D, what happens to it.
+
+    `per_layer` ({layer name, `outer/inner` path or glob: cpg or None}) gives some convs their own
+    channels per group, or None to leave them as they are (`layer_cpg` says which key wins);
+    the others take `channels_per_group`.
+    """
     if channels_per_group < 1:
         raise ValueError(f"channels_per_group must be >= 1. Received: channels_per_group={channels_per_group}")
+    for key, value in (per_layer or {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"per_layer[{key!r}] must be a channels-per-group >= 1 or None. Received: {value!r}")
     if not is_graph_model(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} is a subclassed model: it has no layer graph to rewrite; "
@@ -80,7 +89,10 @@ def analyze(model, channels_per_group=16, include=None, exclude=None):
         )
     analysis = Analysis(plan=Plan(model_name=model.name, channels_per_group=channels_per_group,
                                   input_shape=_plan_input_shape(model)), model=model)
-    walker = _Walker(analysis, channels_per_group, include or [], exclude or [])
+    analysis.plan.per_layer = dict(per_layer) if per_layer else None
+    analysis.plan.variant = check_variant(variant)
+    walker = _Walker(analysis, channels_per_group, include or [], exclude or [], per_layer or {},
+                     variant=analysis.plan.variant)
     walker.walk(model, prefix="", trainable=model.trainable)
     plan = analysis.plan
     plan.trainable_params_before = count_weights(model.trainable_weights)
@@ -96,11 +108,13 @@ def analyze(model, channels_per_group=16, include=None, exclude=None):
 
 
 class _Walker:
-    def __init__(self, analysis, cpg, include, exclude):
+    def __init__(self, analysis, cpg, include, exclude, per_layer, variant="2021"):
         self.analysis = analysis
         self.cpg = cpg
         self.include = include
         self.exclude = exclude
+        self.per_layer = per_layer
+        self.variant = variant  # "2022": keffconvert.variant2022's rules instead of METHOD.md's
 
     def walk(self, model, prefix, trainable):
         """`trainable`: whether every model enclosing this level is trainable (a frozen nested
@@ -134,16 +148,37 @@ class _Walker:
         if reason:
             entry.reason = reason
             return
-        groups = choose_groups(c_in, filters, self.cpg)
+        cpg = layer_cpg(conv.name, name, self.per_layer, self.cpg)
+        if cpg is None:
+            entry.reason = "left as it is by the per-layer choice"
+            return
+        entry.channels_per_group = cpg
+        if self.variant == "2022":
+            return self._plan_conv_2022(graph, node, conv, entry, cpg, trainable)
+        groups = choose_groups(c_in, filters, cpg)
         entry.groups = groups
         if groups <= 1:
-            limit = c_in // self.cpg
+            limit = c_in // cpg
             entry.reason = (f"C={c_in} < 2*cpg: too few channels to group" if limit < 2 else
                             f"no common divisor of C={c_in} and F={filters} in 2..{limit}")
             return
         bn, act = _follow_chain(graph, node, conv)
         chain = Chain(conv, bn, act, entry, describe(conv, bn, act, c_in, groups))
         _fill_entry(entry, chain, node.outputs[0].shape, groups, trainable)
+        self.analysis.chains[id(conv)] = chain
+        self.analysis.absorbed.update(id(layer) for layer in (bn, act) if layer is not None)
+
+    def _plan_conv_2022(self, graph, node, conv, entry, cpg, trainable):
+        """The 2022 variant's rules (keffconvert/variant2022.py) for an eligible conv."""
+        decision = decide(entry.in_channels, entry.filters, cpg)
+        if not decision.convert:
+            entry.reason = decision.reason
+            return
+        entry.groups = decision.groups
+        entry.detail = describe_decision(decision, entry.in_channels)
+        bn, act = _follow_chain(graph, node, conv)
+        chain = Chain(conv, bn, act, entry, describe_padded(conv, bn, act, entry.in_channels, decision, cpg))
+        _fill_entry(entry, chain, node.outputs[0].shape, decision.groups, trainable)
         self.analysis.chains[id(conv)] = chain
         self.analysis.absorbed.update(id(layer) for layer in (bn, act) if layer is not None)
 
@@ -170,6 +205,18 @@ class _Walker:
         if c_in is None:
             return "input channels unknown"
         return ""
+
+
+def layer_cpg(short_name, path, per_layer, default):
+    """A conv's channels per group: the `per_layer` value of its exact name or path, else of the
+    first glob (in the mapping's order) that matches it, else `default`; None means leave it."""
+    for key in (path, short_name):
+        if key in per_layer:
+            return per_layer[key]
+    for pattern, cpg in per_layer.items():
+        if _matches(short_name, path, [pattern]):
+            return cpg
+    return default
 
 
 def _follow_chain(graph, node, conv):
@@ -202,6 +249,10 @@ def _fill_entry(entry, chain, out_shape, groups, trainable):
     entry.converted = True
     entry.interleave_step = step if step > 1 else None
     entry.second_conv = c_in >= filters
+    if chain.new_layer("k").channels_per_group:  # the 2022 variant: its own interleave and L rules
+        interleave = chain.new_layer("interleave")
+        entry.interleave_step = interleave.step if interleave is not None else None
+        entry.second_conv = chain.new_layer("l") is not None
     entry.batch_norm = chain.bn.name if chain.bn is not None else None
     entry.activation_layer = chain.act.name if chain.act is not None else None
     entry.activation = _activation_name(chain)
@@ -215,7 +266,8 @@ def _fill_entry(entry, chain, out_shape, groups, trainable):
     spatial = _spatial(out_shape)
     if spatial is not None:
         entry.macs_before = spatial * c_in * filters
-        entry.macs_after = spatial * (c_in * filters // groups + (filters * filters // groups if entry.second_conv else 0))
+        entry.macs_after = spatial * sum(chain.new_layer(role).kernel_size() for role in ("k", "l")
+                                         if chain.new_layer(role) is not None)
 
 
 def _activation_name(chain):

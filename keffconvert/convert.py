@@ -8,7 +8,9 @@ __all__ = ["convert"]
 
 
 def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run=False,
-            transfer_weights=True, calibration=None, calibration_rounds=3, progress=None):
+            transfer_weights=True, calibration=None, calibration_rounds=3, progress=None, variant="2021",
+            per_layer=None, target_params=None, target_reduction=None, target_method="lagrangian",
+            target_choices=None):
     """Turn every eligible pointwise conv of `model` into the kEffNet sub-architecture.
 
     Args:
@@ -25,6 +27,18 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
             layer's reconstruction error goes into the plan. None: the block-diagonal slices.
         calibration_rounds: K/L alternations of the fit for linear chains with an L.
         progress: called with (layer name, relative error) after each fitted layer.
+        variant: "2021" (METHOD.md, the default) or "2022" (the Entropy 2022 follow-up without
+            divisibility constraints, `keffconvert.variant2022`: cpg input channels per group
+            whatever C and F are). The data-aware fit does not handle "2022" yet.
+        per_layer: {layer name, `outer/inner` path or glob: cpg or None}: these convs take their
+            own channels per group (None: left as they are); exact names win over globs, then the
+            first matching glob. The plan gives each conv's cpg.
+        target_params / target_reduction: a budget instead of one cpg: at most this many
+            trainable parameters, or this percentage of them removed. Which convs convert, and
+            at which cpg of `target_choices` (default 4, 8, 16, 32, 64), is chosen at the least
+            sensitivity (`keffconvert.targeting`; from the fit to `calibration` when given);
+            each conv's options and choice are in the plan, the comparison in `plan.target`.
+        target_method: "lagrangian" (default) or "greedy" (AIMET's per-layer selection).
 
     Returns:
         `(new_model, plan)`. The input model is not modified.
@@ -35,7 +49,25 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
         >>> plan.trainable_params_after
         639702
     """
-    analysis = analyze(model, channels_per_group, include=include, exclude=exclude)
+    from keffconvert.variant2022 import check_variant
+
+    variant = check_variant(variant)
+    if variant == "2022" and calibration is not None:
+        from keffconvert.errors import UsageConflict
+
+        raise UsageConflict("the data-aware fit (calibration) does not handle --variant 2022 yet; "
+                            "convert without calibration data")
+    choice = None
+    if target_params is not None or target_reduction is not None:
+        choice = _choose_target(model, variant, per_layer, include, exclude, calibration, target_params,
+                                target_reduction, target_method, target_choices)
+        per_layer = choice.per_layer
+    analysis = analyze(model, channels_per_group, include=include, exclude=exclude, per_layer=per_layer,
+                       variant=variant)
+    if choice is not None:
+        from keffconvert.targeting import annotate
+
+        annotate(analysis.plan, choice)
     if dry_run:
         return None, analysis.plan
     if calibration is not None and not transfer_weights:
@@ -63,3 +95,16 @@ def _fit(analysis, replacements, cloned, images, rounds, progress):
             entry.reconstruction_error = errors["relative_error"]
             entry.slices_error = errors["slices_error"]
     analysis.plan.calibration = {"samples": result["samples"], "time_s": result["time_s"]}
+
+
+def _choose_target(model, variant, per_layer, include, exclude, images, target_params, target_reduction,
+                   method, choices):
+    from keffconvert.errors import UsageConflict
+    from keffconvert.targeting import CHOICES, choose
+
+    if variant != "2021":
+        raise UsageConflict("a parameter target chooses among the 2021 method's groups; it does not take --variant 2022 yet")
+    if per_layer:
+        raise UsageConflict("give either per_layer or a parameter target, not both (the target chooses every conv's cpg)")
+    return choose(model, target_params=target_params, target_reduction=target_reduction,
+                  choices=choices or CHOICES, method=method, calibration=images, include=include, exclude=exclude)

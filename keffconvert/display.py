@@ -7,10 +7,23 @@ PLAN_COLUMNS = ["layer", "C", "F", "groups", "interleave", "L", "params before",
 
 
 FIT_COLUMN = "fit error (slices -> fitted)"
+VARIANT_NOTE = "no divisibility constraints, Entropy 2022"
+
+
+TARGET_COLUMNS = ["choice (target budget)", "sensitivity by cpg"]
 
 
 def plan_columns(plan):
-    return PLAN_COLUMNS + ([FIT_COLUMN] if plan.calibration else [])
+    return PLAN_COLUMNS + ([FIT_COLUMN] if plan.calibration else []) + (TARGET_COLUMNS if plan.target else [])
+
+
+def _target_cells(plan, entry):
+    """The target budget's choice for one conv and the error of each option it had."""
+    if not plan.target:
+        return []
+    from keffconvert.targeting import sensitivity_cell
+
+    return [entry.choice or "-", sensitivity_cell(entry)]
 
 
 def _fit_cell(entry):
@@ -33,22 +46,24 @@ def plan_rows(plan, skipped=True):
             "yes" if e.second_conv else "-",
             f"{e.trainable_before:,}", f"{e.trainable_after:,}",
             _note(e),
-        ] + fit)
+        ] + fit + _target_cells(plan, e))
     return rows
 
 
 def _note(entry):
     if not entry.converted:
         return entry.reason
+    done = f"converted ({entry.detail})" if entry.detail else "converted"  # detail: the 2022 variant's padding, L
     if entry.dropped_settings:
-        return f"converted; not carried: {', '.join(entry.dropped_settings)}"
-    return "converted"
+        return f"{done}; not carried: {', '.join(entry.dropped_settings)}"
+    return done
 
 
 def totals_lines(plan):
     lines = [
         f"converted {len(plan.converted)} of {len(plan.layers)} Conv2D layers "
-        f"(channels per group: {plan.channels_per_group})",
+        f"(channels per group: {'per layer' if plan.per_layer else plan.channels_per_group}"
+        + (f"; variant {plan.variant}: {VARIANT_NOTE}" if plan.variant != "2021" else "") + ")",
         f"trainable parameters: {plan.trainable_params_before:,} -> {plan.trainable_params_after:,} "
         f"({-plan.reduction_pct:+.2f}%)",
         f"all parameters:       {plan.total_params_before:,} -> {plan.total_params_after:,}",
@@ -59,6 +74,10 @@ def totals_lines(plan):
         slices = sum(e.slices_error for e in fitted) / max(len(fitted), 1)
         lines.append(f"data-aware fit on {plan.calibration['samples']} images in {plan.calibration['time_s']:.0f} s: "
                      f"mean relative error per layer {slices:.3f} (block-diagonal slices) -> {mean:.3f} (fitted)")
+    if plan.target:
+        from keffconvert.targeting import target_lines
+
+        lines += target_lines(plan.target)
     lines += [f"kept as it is: {kept['name']} ({kept['type']}): {kept['reason']}" for kept in plan.kept_models]
     if plan.macs_before is not None:
         lines.append(f"multiply-accumulates: {plan.macs_before:,} -> {plan.macs_after:,} "

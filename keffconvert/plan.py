@@ -31,6 +31,10 @@ class LayerPlan:
     dropped_settings: list = field(default_factory=list)  # settings of M no new layer carries
     reconstruction_error: float | None = None  # data-aware fit: relative error of the fitted replacement
     slices_error: float | None = None  # the same for the plain block-diagonal slices
+    detail: str = ""  # the 2022 variant: padding, one-filter groups, L's groups
+    channels_per_group: int | None = None  # the cpg this conv was planned with (per layer with per_layer)
+    options: list | None = None  # target budget: [{cpg, groups, trainable_delta, error}] it chose from
+    choice: str = ""  # target budget: why this option (its sensitivity and what it saves)
 
 
 @dataclass
@@ -50,6 +54,9 @@ class Plan:
     fidelity: dict | None = None
     kept_models: list = field(default_factory=list)  # nested models left as they are, with the reason
     calibration: dict | None = None  # data-aware fit: samples, time
+    variant: str = "2021"  # "2021": METHOD.md's rules; "2022": keffconvert/variant2022.py's
+    per_layer: dict | None = None  # {layer or pattern: cpg or None} given to convert
+    target: dict | None = None  # target budget: the budget, method, sensitivity and comparisons
 
     @property
     def converted(self):
