@@ -199,7 +199,9 @@ class StreamDataset:
                         num_parallel_calls=AUTOTUNE)
         else:
             ds = ds.map(lambda a, b: (scale_pixels(a, scale), b), num_parallel_calls=AUTOTUNE)
-        return ds.prefetch(AUTOTUNE)
+        options = tf.data.Options()  # under a multi-worker strategy each worker takes every Nth batch
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(options).prefetch(AUTOTUNE)
 
     def sample(self, splits=("train",), count=None, seed=None):
         """uint8 images (N, H, W, C): `count` of `splits` (joined in order) drawn with `seed`, in

@@ -47,7 +47,9 @@ def probe_images(source, model, limit=256, **source_options):
         from keffconvert.data import is_streamed
 
         if is_streamed(source):
-            return _streamed_probe(source, model, limit, source_options)
+            defaults = {"image_key": "image/encoded", "label_key": "image/class/label"}
+            keys = {k: v for k, v in source_options.items() if v is not None and v != defaults.get(k)}
+            return _streamed_probe(source, model, limit, keys)
     if source == "digits":
         from keffconvert.digits import digits_images
 

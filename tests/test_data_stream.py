@@ -194,8 +194,8 @@ def test_train_steps_per_epoch_on_a_streamed_folder(folder, tmp_path):
     out = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
     keras.Model(inp, out, name="tiny").save(tmp_path / "tiny.keras")
     result = CliRunner().invoke(cli, ["train", str(tmp_path / "tiny.keras"), "--data", str(folder), "--epochs", "1",
-                                      "--steps-per-epoch", "2", "--batch-size", "4", "--out", str(tmp_path / "run"),
-                                      "-q"])
+                                      "--steps-per-epoch", "2", "--batch-size", "4", "--heatmaps", "0",
+                                      "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, (result.output, result.stderr)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["settings"]["recipe"]["steps_per_epoch"] == 2 and report["data"]["streamed"]

@@ -39,6 +39,10 @@ disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_M
                    "image folder or TFRecord shards (its test images, read through train's stream).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="How many calibration images to use.")
+@click.option("--image-key", default="image/encoded", show_default=True,
+              help="TFRecord calibration data: the feature holding the encoded image.")
+@click.option("--label-key", default="image/class/label", show_default=True,
+              help="TFRecord calibration data: the feature holding the class.")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output path. Default: beside MODEL, MODEL.tflite / MODEL_int8.tflite / MODEL_saved_model / "
                    "MODEL_inference.keras.")
@@ -57,8 +61,8 @@ disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_M
 @click.option("--min-agreement", type=click.FloatRange(0, 100), default=None, metavar="PCT",
               help="Least top-1 agreement with MODEL on the check images, in percent (the check that suits "
                    "--int8). Default: not checked.")
-def export_command(model, fmt, int8, per_tensor, calibration, calibration_samples, output, no_fold, max_dense_weights, classes,
-                   input_size, unsafe, force, tolerance, min_agreement):
+def export_command(model, fmt, int8, per_tensor, calibration, calibration_samples, image_key, label_key, output,
+                   no_fold, max_dense_weights, classes, input_size, unsafe, force, tolerance, min_agreement):
     """Export MODEL for inference as TFLite, SavedModel or .keras, and check its predictions."""
     from keffconvert.export import (DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, inference_model, output_ending, save_keras,
                                     save_saved_model)
@@ -80,7 +84,8 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
     kind = f"{fmt}{' int8' if int8 else ''}{' per-tensor' if per_tensor else ''}"
 
     source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
-    images = _calibration_images(calibration, source, calibration_samples) if calibration else None
+    images = _calibration_images(calibration, source, calibration_samples, image_key=image_key,
+                                 label_key=label_key) if calibration else None
     report = FoldReport()
 
     def check(exported):
@@ -119,11 +124,11 @@ def _fold_summary(report, no_fold):
         click.echo(report.summary())
 
 
-def _calibration_images(source, model, limit):
+def _calibration_images(source, model, limit, **keys):
     from keffconvert.errors import DataError
     from keffconvert.fidelity import probe_images
 
-    images = probe_images(source, model, limit=limit)
+    images = probe_images(source, model, limit=limit, **keys)
     if len(images) == 0:
         raise DataError(f"{source}: no calibration images")
     return images
