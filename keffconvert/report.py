@@ -48,6 +48,7 @@ def build_report(*, source, mode, plan, results, data, recipe, settings, environ
                              "fine-tuned from the weights the converter transferred"
                              + (" with distillation from the original" if converted.get("distilled") else "")),
         "channels_per_group": plan.channels_per_group,
+        "variant": plan.variant,  # "2021" (METHOD.md) or "2022" (keffconvert/variant2022.py)
         "models": models,
         "accuracy_delta_points": delta,
         "epochs": recipe.epochs,
@@ -145,6 +146,9 @@ def render_markdown(report):
     lines.append("## Setup")
     lines.append("")
     lines.append(f"- Training: {report['mode_description']}.")
+    if plan.variant != "2021":
+        lines.append(f"- Conversion: variant {plan.variant} (the Entropy 2022 rules without divisibility "
+                     "constraints, keffconvert/variant2022.py).")
     lines.append(f"- Recipe: {recipe['description']}; {recipe['selection']}.")
     lines.append(f"- Data: {data.get('kind', data.get('source'))}; {data.get('train', '?'):,} train / "
                  f"{data.get('val', '?'):,} validation / {data.get('test', '?'):,} test images at {size}, "

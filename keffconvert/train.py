@@ -819,7 +819,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
     steps = recipe.steps_per_epoch or math.ceil(dataset.sizes["train"] / global_batch)
 
     jobs = ([("original", source, name)] if with_original else []) \
-        + [("converted", converted, f"kEffNet-{name} (cpg {channels_per_group})")]
+        + [("converted", converted, f"kEffNet-{name} (cpg {channels_per_group}"
+                                    + (f", variant {variant})" if str(variant) != "2021" else ")"))]
     results = {}
     if mode == "finetune" and not with_original:
         with data_errors(dataset):
