@@ -40,9 +40,13 @@ class GradCam:
     feature_size: tuple
 
 
+# Layers whose output is not a feature map of their own: padding adds zeros around the previous one.
+NOT_FEATURES = (keras.layers.InputLayer, keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+
+
 def _spatial_output(layer):
     """(H, W) of `layer`'s 4-D output, or None when it is not a feature map with H * W > 1."""
-    if isinstance(layer, keras.layers.InputLayer):
+    if isinstance(layer, NOT_FEATURES):
         return None
     try:
         shape = tuple(layer.output.shape)
@@ -57,10 +61,14 @@ def _spatial_output(layer):
 
 
 def last_conv_layer(model):
-    """The last layer (nested models searched) whose output is a spatial feature map: the output of
-    the last convolution block, after its batch norm and activation, which global pooling reads.
-    For a kEffNet conversion this is the same layer as in its original (the batch norm and
-    activation keep their names), so the two heatmaps compare like with like."""
+    """The last layer (nested models searched) whose output is a spatial feature map: usually the
+    output of the last convolution block, after its batch norm and activation, which global
+    pooling reads. A map of one position (EfficientNet's last blocks at 32x32 input) would give a
+    uniform heatmap, so the last map with more than one position is taken (B0 at 32x32:
+    `block6a_expand_activation`, 2x2); padding layers are skipped. For a kEffNet conversion this
+    is the same layer as in its original (batch norms and activations keep their names) or the
+    `_interleave` or `_sum` that ends the replacement of that layer's chain (a channel permutation
+    or a sum of the same maps), so the two heatmaps compare like with like."""
     found = [layer for layer in leaf_layers(model) if _spatial_output(layer) is not None]
     if not found:
         raise UnsupportedModelError(f"{model.name} has no layer with a spatial (H, W, C) output; Grad-CAM needs one")
@@ -160,5 +168,5 @@ def grad_cam(model, images, classes=None, *, layer=None, batch_size=32):
     feature_size = tuple(int(d) for d in raw.shape[1:])
     maps = tf.image.resize(raw[..., None], images.shape[1:3], method="bilinear").numpy()[..., 0]
     peak = maps.reshape(len(maps), -1).max(axis=1)
-    maps = np.where(peak[:, None, None] > 0, maps / np.maximum(peak, 1e-12)[:, None, None], 0.0)
+    maps = np.divide(maps, peak[:, None, None], out=np.zeros_like(maps), where=peak[:, None, None] > 0)
     return GradCam(maps.astype("float32"), classes, predicted, confidence.astype("float32"), target.name, feature_size)
