@@ -164,7 +164,8 @@ class WorkerRunDir:
 
 def _copy_committed(source, target, model_dirs=("original", "converted")):
     """Copy the run files and every committed epoch backup of `source` into `target` (never the
-    partial backups the chief may be clearing while this runs)."""
+    partial backups the chief may be clearing while this runs). The history and best checkpoint
+    are copied as they are; restoring the backup puts back those of the committed epoch."""
     if not source.is_dir():
         return
     for name in ("run.json", "report.json"):
@@ -174,7 +175,7 @@ def _copy_committed(source, target, model_dirs=("original", "converted")):
         if not (source / model).is_dir():
             continue
         (target / model).mkdir()
-        for name in ("result.json", "initial.json"):
+        for name in ("result.json", "initial.json", "history.json", "best.json", "best.keras"):
             if (source / model / name).is_file():
                 shutil.copy2(source / model / name, target / model / name)
         backups = source / model / "backup"

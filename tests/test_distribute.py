@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from keffconvert.cli import cli
 from keffconvert.data import load_dataset
 from keffconvert.distribute_tf import read_tf_config
 from keffconvert.errors import UsageConflict
-from keffconvert.train import Distiller, Recipe, dtype_policy, precision_policy, rebuild, train
+from keffconvert.train import Distiller, dtype_policy, precision_policy, rebuild
 
 
 def tiny_model(size=8, classes=10, name="tiny"):
@@ -49,7 +50,9 @@ def tf_config(addresses, index):
 
 
 @pytest.mark.slow
-def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
+def test_two_workers_train_together_in_mixed_precision_and_only_the_chief_writes(tmp_path):
+    """Two workers on 127.0.0.1 train the converted model with `--strategy multiworker`; the same
+    short run is the CPU mixed-precision check (`--mixed-precision on`: bfloat16, float32 output)."""
     model_path = tmp_path / "tiny.keras"
     tiny_model().save(model_path)
     out = tmp_path / "run"
@@ -59,10 +62,11 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
         home = tmp_path / f"worker{index}"  # each worker's own current folder and temporary folder
         (home / "tmp").mkdir(parents=True)
         env = {**os.environ, "TF_CONFIG": tf_config(addresses, index), "TMPDIR": str(home / "tmp"),
-               "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+               "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
         command = [sys.executable, "-m", "keffconvert.cli", "train", str(model_path), "--data", "digits",
                    "--epochs", "2", "--batch-size", "64", "--no-augment", "--strategy", "multiworker",
-                   "--out", str(out), "--quiet"]
+                   "--mixed-precision", "on",
+                   "--out", str(out)]
         workers.append(subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -75,6 +79,8 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
     assert "the chief writes the report" in outputs[1] and f"wrote {out}/report.md" in outputs[0]
+    epochs = [re.findall(r"epoch \d+/2: (loss .*?)\s+\(\d", output) for output in outputs]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1]  # the same steps on both workers: same losses
 
     # Only the chief wrote: the run folder, nothing in the other worker's folders (its temporary
     # run folder is gone), and the report counts both workers.
@@ -93,11 +99,20 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
     converted = report["models"][-1]
     data = load_dataset("digits", (8, 8), 3, val_split=0.1, test_split=0.2, seed=0)
     best = keras.models.load_model(out / converted["checkpoint"])
-    predicted = best.predict(data.x_test.astype("float32"), batch_size=128, verbose=0).argmax(axis=1)
+    predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
     assert converted["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
     history = converted["history"]
     assert [e["epoch"] for e in history] == [1, 2] and all(math.isfinite(e["loss"]) for e in history)
     assert converted["best_val_accuracy"] == pytest.approx(max(e["val_accuracy"] for e in history))
+
+    # Mixed precision on the CPU: bfloat16 compute, the output layer in float32, finite losses.
+    assert environment["precision"] == precision_policy("on", gpu=False) == "mixed_bfloat16"
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["val_loss"]) for e in history)
+    assert math.isfinite(converted["test_loss"])
+    policies = {layer.name: layer.dtype_policy.name for layer in best.layers}
+    assert policies["head"] == "float32" and policies["stem"] == policies["expand_k"] == "mixed_bfloat16"
+    assert best.get_layer("expand_k").compute_dtype == "bfloat16"
+    assert best(data.x_test[:2].astype("float32")).dtype == "float32"
 
 
 @pytest.mark.parametrize("config, message", [
@@ -135,24 +150,6 @@ def test_bad_tf_config_on_the_command_line_exits_2_with_one_line_and_writes_noth
     assert not (tmp_path / "run").exists() and model_path.read_bytes() == before
 
 
-def test_mixed_precision_on_cpu_trains_in_bfloat16_with_a_float32_output(tmp_path):
-    assert precision_policy("on", gpu=False) == "mixed_bfloat16"
-    assert precision_policy("auto", gpu=False) == "float32" and precision_policy("auto", gpu=True) == "mixed_float16"
-    report = train(tiny_model(), "digits", out=tmp_path / "run", heatmap_images=0,
-                   recipe=Recipe(epochs=1, batch_size=128, augment=False, mixed_precision="on"))
-    assert report["environment"]["precision"] == "mixed_bfloat16"
-    converted = report["models"][-1]
-    assert all(math.isfinite(e["loss"]) and math.isfinite(e["val_loss"]) for e in converted["history"])
-    assert math.isfinite(converted["test_loss"])
-
-    best = keras.models.load_model(tmp_path / "run" / converted["checkpoint"])
-    policies = {layer.name: layer.dtype_policy.name for layer in best.layers}
-    assert policies["head"] == "float32"
-    assert policies["stem"] == policies["expand_k"] == "mixed_bfloat16"
-    assert best.get_layer("expand_k").compute_dtype == "bfloat16"
-    assert best(np.zeros((2, 8, 8, 3), "float32")).dtype == "float32"
-
-
 def test_float16_scales_the_loss_and_distils_in_float32():
     """What a GPU run gets (mixed_float16): a LossScaleOptimizer, a float32 output and a float32
     distillation loss, even for a model that was itself built in mixed precision (checked on the
@@ -166,9 +163,36 @@ def test_float16_scales_the_loss_and_distils_in_float32():
         trainer = Distiller(student, rebuild(tiny_model(name="teacher"), dtype="mixed_float16"), weight=0.5)
         trainer.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
         loss = trainer.compute_loss(x, np.arange(16) % 10, trainer(x, training=True), training=True)
+    assert precision_policy("auto", gpu=False) == "float32" and precision_policy("auto", gpu=True) == "mixed_float16"
     assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
     assert student.get_layer("head").compute_dtype == "float32" and student.get_layer("stem").compute_dtype == "float16"
     assert student(x).dtype == "float32" and loss.dtype == "float32" and math.isfinite(float(loss))
     assert trainer.distillation_loss(student(x), trainer.teacher(x)).dtype == "float32"
     # --mixed-precision off trains that same saved model in float32 throughout.
     assert {layer.compute_dtype for layer in rebuild(saved_mixed).layers[1:]} == {"float32"}
+
+
+def test_a_non_chief_worker_resumes_from_a_copy_of_what_the_chief_committed(tmp_path):
+    from keffconvert.distribute_tf import Worker, WorkerRunDir, progress
+
+    out = tmp_path / "run"
+    for name in ("epoch-0002", "epoch-0003", "epoch-0004.partial"):
+        (out / "converted" / "backup" / name).mkdir(parents=True)
+        (out / "converted" / "backup" / name / "latest.weights.h5").write_text(name)
+    (out / "run.json").write_text("{}")
+    (out / "converted" / "history.json").write_text("{}")
+    (out / "original").mkdir()
+    (out / "original" / "result.json").write_text("{}")
+
+    private = WorkerRunDir(out, Worker("worker", 1, 2), force=False)
+    assert private.path != out and (private.path / "run.json").is_file()
+    assert sorted(p.name for p in (private.path / "converted" / "backup").iterdir()) == ["epoch-0002", "epoch-0003"]
+    assert (progress(private.path / "converted"), progress(private.path / "original")) == (3, -1)
+    assert (progress(out / "converted"), progress(out / "original")) == (3, -1)
+    private.cleanup()
+    assert not private.path.exists() and (out / "converted" / "backup" / "epoch-0004.partial").is_dir()
+
+    fresh = WorkerRunDir(out, Worker("worker", 1, 2), force=True)  # --force: starts over, copies nothing
+    assert list(fresh.path.iterdir()) == []
+    fresh.cleanup()
+    assert WorkerRunDir(out, Worker("worker", 0, 2), force=False).path == out  # the chief writes the run itself
