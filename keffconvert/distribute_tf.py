@@ -56,6 +56,7 @@ class Worker:
     index: int
     workers: int  # chief and workers together
     has_chief_job: bool = False  # without a "chief" job, worker 0 is the chief
+    address: str = ""  # this worker's host:port in the cluster
 
     @property
     def is_chief(self):
@@ -105,7 +106,8 @@ def read_tf_config(environ=None):
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(cluster[task_type]):
         raise UsageConflict(f"TF_CONFIG task index {index!r} is not one of the cluster's {task_type!r} "
                             f"tasks (0..{len(cluster[task_type]) - 1})")
-    return Worker(task_type, index, len(everyone), has_chief_job="chief" in cluster)
+    return Worker(task_type, index, len(everyone), has_chief_job="chief" in cluster,
+                  address=cluster[task_type][index])
 
 
 def start_strategy(name, environ=None):
@@ -126,13 +128,21 @@ def start_strategy(name, environ=None):
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver(),
             communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=PACK_BYTES))
+    except tf.errors.OpError as error:  # this worker's port is taken, or the address is not this machine's
+        raise UsageConflict(f"cannot start multi-worker training as {worker.describe()} at {worker.address} "
+                            f"({_first_line(error.message)}): is the port free, and is TF_CONFIG's task this "
+                            "machine?") from None
     except (RuntimeError, ValueError) as error:  # TensorFlow already running; cluster refused
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageConflict(f"cannot start multi-worker training ({reason}); run it in a fresh process, "
-                            "before anything else uses TensorFlow") from None
+        raise UsageConflict(f"cannot start multi-worker training ({_first_line(str(error))}); run it in a fresh "
+                            "process, before anything else uses TensorFlow") from None
     fix_multiworker_fit()
     _started["multiworker"] = strategy
     return strategy, worker
+
+
+def _first_line(text):
+    text = str(text).strip()
+    return text.splitlines()[0] if text else "no reason given"
 
 
 def is_multiworker(strategy):
