@@ -62,11 +62,11 @@ def test_two_workers_train_together_in_mixed_precision_and_only_the_chief_writes
         home = tmp_path / f"worker{index}"  # each worker's own current folder and temporary folder
         (home / "tmp").mkdir(parents=True)
         env = {**os.environ, "TF_CONFIG": tf_config(addresses, index), "TMPDIR": str(home / "tmp"),
-               "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+               "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+               "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # one core each
         command = [sys.executable, "-m", "keffconvert.cli", "train", str(model_path), "--data", "digits",
                    "--epochs", "2", "--batch-size", "64", "--no-augment", "--strategy", "multiworker",
-                   "--mixed-precision", "on",
-                   "--out", str(out)]
+                   "--mixed-precision", "on", "--out", str(out)]
         workers.append(subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True))
     outputs = []
