@@ -36,13 +36,15 @@ def tiny_digits_model():
 
 
 RECIPE = dict(epochs=1, seed=1, augment=False, batch_size=256)
+NO_HEATMAPS = dict(heatmap_images=0)  # a train() option, passed through to every run
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     """A finished 1-epoch scratch sweep of the tiny model at 2 and 4 channels per group."""
     out = tmp_path_factory.mktemp("sweep") / "tiny"
-    report = sweep(tiny_digits_model(), "digits", channels_per_group="4,2", out=out, recipe=Recipe(**RECIPE))
+    report = sweep(tiny_digits_model(), "digits", channels_per_group="4,2", out=out, recipe=Recipe(**RECIPE),
+                   **NO_HEATMAPS)
     return out, report
 
 
@@ -110,7 +112,8 @@ def test_a_rerun_skips_finished_settings_and_resumes_the_unfinished_one(finished
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(keffconvert.train, "train", counting_train)
-    again = sweep(tiny_digits_model(), "digits", channels_per_group=[2, 4], out=out, recipe=Recipe(**RECIPE))
+    again = sweep(tiny_digits_model(), "digits", channels_per_group=[2, 4], out=out, recipe=Recipe(**RECIPE),
+                  **NO_HEATMAPS)
     assert calls == [4]
     resumed = json.loads((out / "cpg-4" / "report.json").read_text())
     # cpg 4's model had finished training: the resumed run reports it, it does not train it again
@@ -124,12 +127,14 @@ def test_a_rerun_skips_finished_settings_and_resumes_the_unfinished_one(finished
 def test_a_finished_or_different_sweep_is_not_overwritten(finished_sweep, tmp_path):
     source, _ = finished_sweep
     with pytest.raises(OutputError, match="finished sweep"):
-        sweep(tiny_digits_model(), "digits", channels_per_group="2,4", out=source, recipe=Recipe(**RECIPE))
+        sweep(tiny_digits_model(), "digits", channels_per_group="2,4", out=source, recipe=Recipe(**RECIPE),
+              **NO_HEATMAPS)
     out = tmp_path / "copy"
     shutil.copytree(source, out)
     (out / REPORT_JSON).unlink()
     with pytest.raises(OutputError, match=r"other settings \(channels_per_group, recipe\)"):
-        sweep(tiny_digits_model(), "digits", channels_per_group="2,8", out=out, recipe=Recipe(epochs=2, seed=1))
+        sweep(tiny_digits_model(), "digits", channels_per_group="2,8", out=out, recipe=Recipe(epochs=2, seed=1),
+              **NO_HEATMAPS)
     result = CliRunner().invoke(cli, ["sweep", "tiny.keras", "-c", "2,4", "--out", str(source)])
     assert result.exit_code == 5 and result.stderr.count("\n") == 1 and "finished sweep" in result.stderr
 

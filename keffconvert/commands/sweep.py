@@ -23,6 +23,8 @@ from keffconvert.commands.training_options import data_options, training_options
                    "Default: runs/<model>-sweep.")
 @click.option("--force", is_flag=True, help="Start every setting over in an --out that holds a finished or "
                                             "different sweep.")
+@click.option("--heatmaps", "heatmap_images", type=click.IntRange(0, 32), default=4,
+              help="Grad-CAM heatmaps of this many test images in each run's report (0: none).")
 @training_options
 def sweep_command(model, data, mode, channels_per_group, variant, out, force, include, exclude, image_size,
                   input_scale, calibration, calibration_samples, unsafe, quiet, **options):

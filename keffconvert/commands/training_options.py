@@ -46,7 +46,8 @@ TRAINING_OPTIONS = [
     click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
                  help="Share held out for testing when the data has no test split (digits, a plain folder)."),
     click.option("--augment/--no-augment", default=True, help="Random shifts and zooms while training."),
-    click.option("--shift", type=click.FloatRange(0, 0.5), default=0.1, help="Largest random shift, share of the side."),
+    click.option("--shift", type=click.FloatRange(0, 0.5), default=0.1,
+                 help="Largest random shift, share of the side."),
     click.option("--zoom", type=click.FloatRange(0, 0.5), default=0.1, help="Largest random zoom in or out."),
     click.option("--flip", is_flag=True, help="Also flip horizontally at random (wrong for digits and text)."),
     click.option("--distill-weight", type=click.FloatRange(0, 1), default=None,
@@ -61,7 +62,8 @@ TRAINING_OPTIONS = [
                       "training images), 'digits', an .npz, an image folder, or 'none' (plain block-diagonal slices)."),
     click.option("--calibration-samples", type=click.IntRange(min=1), default=512, help="How many calibration images."),
     click.option("--track-test", is_flag=True,
-                 help="Also evaluate the test split after every epoch, for curves (never used to pick the checkpoint)."),
+                 help="Also evaluate the test split after every epoch, for curves (never used to pick the "
+                      "checkpoint)."),
     click.option("--mixed-precision", type=click.Choice(["auto", "on", "off"]), default="auto",
                  help="Half-precision compute, float32 weights and output layer: mixed_float16 with loss scaling on "
                       "a GPU, mixed_bfloat16 on a CPU; auto turns it on when a GPU is visible."),
