@@ -1,7 +1,10 @@
 """The training report: `report.json` (everything), `report.md` (a Table-1-style summary) and plots.
 
 `report.json` holds all the numbers; `report.md` and the PNGs are derived from it alone, so
-`keffconvert report REPORT.json` (or `regenerate`) rebuilds them anywhere.
+`keffconvert report REPORT.json` (or `regenerate`) rebuilds them anywhere. Per-class results
+(`keffconvert.per_class`) and their confusion matrices appear when the report holds them (older
+reports do not); the Grad-CAM heatmaps are drawn from the run's models (`keffconvert.heatmaps`),
+so regenerating copies that PNG rather than redrawing it.
 """
 
 from __future__ import annotations
