@@ -182,7 +182,7 @@ def test_k_starts_from_the_original_weights_it_keeps(varied):
     for name in ("expand", "mix", "project"):
         m = model.get_layer(name).get_weights()[0][0, 0]
         c, f = m.shape
-        padded, paths, _ = kcai_group_conv(c, f, CPG)
+        _, paths, _ = kcai_group_conv(c, f, CPG)
         kept = np.zeros((c, f), bool)
         col = 0
         for groups, local, filters in paths:
