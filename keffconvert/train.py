@@ -920,9 +920,11 @@ def _per_class(model, test, class_names):
     """Per-class precision, recall, F1 and the confusion matrix of `model` on the test pipeline."""
     from keffconvert.per_class import per_class_results
 
-    labels = np.concatenate([np.asarray(y) for _, y in test])
-    predicted = np.asarray(model.predict(test, verbose=0)).argmax(axis=-1)
-    return per_class_results(labels, predicted, class_names)
+    labels, predicted = [], []
+    for x, y in test:  # called directly: no predict function to trace for one pass
+        labels.append(np.asarray(y))
+        predicted.append(np.asarray(model(x, training=False)).argmax(axis=-1))
+    return per_class_results(np.concatenate(labels), np.concatenate(predicted), class_names)
 
 
 def _sayer(console):
