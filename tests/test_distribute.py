@@ -65,8 +65,8 @@ def test_two_workers_train_together_in_mixed_precision_and_only_the_chief_writes
                "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
                "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # one core each
         command = [sys.executable, "-m", "keffconvert.cli", "train", str(model_path), "--data", "digits",
-                   "--epochs", "2", "--batch-size", "64", "--no-augment", "--strategy", "multiworker",
-                   "--mixed-precision", "on", "--out", str(out)]
+                   "--epochs", "2", "--batch-size", "128", "--no-augment", "--heatmaps", "0",
+                   "--strategy", "multiworker", "--mixed-precision", "on", "--out", str(out)]
         workers.append(subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -99,7 +99,7 @@ def test_two_workers_train_together_in_mixed_precision_and_only_the_chief_writes
     converted = report["models"][-1]
     data = load_dataset("digits", (8, 8), 3, val_split=0.1, test_split=0.2, seed=0)
     best = keras.models.load_model(out / converted["checkpoint"])
-    predicted = best.predict(data.x_test.astype("float32"), batch_size=64, verbose=0).argmax(axis=1)
+    predicted = best.predict(data.x_test.astype("float32"), batch_size=128, verbose=0).argmax(axis=1)
     assert converted["test_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_test)), abs=1e-6)
     history = converted["history"]
     assert [e["epoch"] for e in history] == [1, 2] and all(math.isfinite(e["loss"]) for e in history)
