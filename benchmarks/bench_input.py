@@ -2,6 +2,7 @@
 
     python benchmarks/bench_input.py --out benchmarks/input.json              # both parts
     python benchmarks/bench_input.py --skip-memory --images 2000 --repeats 3  # throughput only
+    python benchmarks/bench_input.py --skip-throughput --train-options '--batch-size 16 --val-split 0.01'
 
 (a) Peak resident memory of `keffconvert train efficientnetb0 --data FOLDER --image-size 128
     --epochs 1 --steps-per-epoch 20` on a folder of `--small` and of `--large` JPEG images (each
@@ -62,10 +63,11 @@ def make_folder(root, count, size=96, seed=0):
     return root
 
 
-def peak_memory(folder, out):
-    """(peak RSS in MB, seconds) of one `keffconvert train` run on `folder`."""
+def peak_memory(folder, out, extra=()):
+    """(peak RSS in MB, seconds) of one `keffconvert train` run on `folder` (`extra`: more options)."""
     command = [str(Path(sys.executable).with_name("keffconvert")), "train", "efficientnetb0", "--data", str(folder),
-               "--image-size", "128", "--epochs", "1", "--steps-per-epoch", "20", "--out", str(out), "--force", "-q"]
+               "--image-size", "128", "--epochs", "1", "--steps-per-epoch", "20", *extra, "--out", str(out),
+               "--force", "-q"]
     start = time.time()
     done = subprocess.run([sys.executable, "-c", WRAPPER, *command], capture_output=True, text=True)
     if done.returncode != 0:
@@ -127,6 +129,9 @@ def main(argv=None):
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default="benchmarks/input.json")
+    parser.add_argument("--train-options", default="",
+                        help="more options for the memory runs, e.g. '--batch-size 16 --val-split 0.01 "
+                             "--test-split 0.01 --heatmaps 0' for a shorter run on a busy machine")
     args = parser.parse_args(argv)
 
     import os
@@ -139,13 +144,13 @@ def main(argv=None):
         memory = {}
         for count in (args.small, args.large):
             folder = make_folder(base / f"jpeg-{count}", count)
-            mb, seconds = peak_memory(folder, base / f"run-{count}")
+            mb, seconds = peak_memory(folder, base / f"run-{count}", args.train_options.split())
             memory[str(count)] = {"peak_rss_mb": round(mb, 1), "seconds": round(seconds, 1)}
             print(f"train on {count} images: peak RSS {mb:.0f} MB ({seconds:.0f} s)", flush=True)
         growth = memory[str(args.large)]["peak_rss_mb"] - memory[str(args.small)]["peak_rss_mb"]
         result["memory"] = {"runs": memory, "growth_mb": round(growth, 1), "target_mb": 300,
                             "command": "keffconvert train efficientnetb0 --data FOLDER --image-size 128 --epochs 1 "
-                                       "--steps-per-epoch 20"}
+                                       "--steps-per-epoch 20 " + args.train_options}
         print(f"growth from {args.small} to {args.large} images: {growth:+.0f} MB (target: at most 300)")
     if not args.skip_throughput:
         folder = make_folder(base / f"jpeg-{args.images}", args.images)

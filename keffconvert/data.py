@@ -187,10 +187,14 @@ def to_uint8(x):
 
 def is_streamed(spec):
     """True for the sources read from disk as they are used: image folders and TFRecord shards."""
+    spec = os.fspath(spec)
+    if spec == "digits" or spec.lower().endswith(".npz"):
+        return False
+    if Path(spec).is_dir():
+        return True
     from keffconvert.tfrecords import is_tfrecord_spec
 
-    spec = os.fspath(spec)
-    return spec != "digits" and not spec.lower().endswith(".npz") and (Path(spec).is_dir() or is_tfrecord_spec(spec))
+    return is_tfrecord_spec(spec)
 
 
 def open_data(spec, image_size, channels=3, *, val_split=0.1, test_split=0.2, seed=0,
@@ -237,7 +241,7 @@ def load_dataset(spec, image_size, channels=3, *, val_split=0.1, test_split=0.2,
     elif Path(spec).exists():
         raise DataError(f"{spec}: not a folder of images nor an .npz file")
     else:
-        raise DataError(f"{spec}: no such data (give 'digits', an .npz file or an image folder)")
+        raise DataError(f"{spec}: no such data (give 'digits', an .npz file, an image folder or TFRecord shards)")
 
     x_train, y_train, x_val, y_val, x_test, y_test, names, description = parts
     if x_val is None:

@@ -63,6 +63,31 @@ def decode(data, where, height, width, channels):
     return tf.ensure_shape(image, (height, width, channels))
 
 
+def resize_and_augment(image, height, width, shift, zoom, flip):
+    """Decoded image -> float32 (height, width, 3), resized, shifted, zoomed and flipped at random
+    in one bilinear resampling (Keras' layers resample once for the resize and once per layer).
+
+    The ranges are those of `data_tf.augmenter`'s layers: shift up to `shift` of each side, zoom
+    by a factor in [1 - zoom, 1 + zoom] about the centre, edges filled with the nearest pixel.
+    """
+    source = tf.cast(tf.shape(image)[:2], tf.float32)
+    sy, sx = source[0] / height, source[1] / width  # input pixels per output pixel
+    z = tf.random.uniform((), 1.0 - zoom, 1.0 + zoom)
+    ty = tf.random.uniform((), -shift, shift) * height
+    tx = tf.random.uniform((), -shift, shift) * width
+    mirror = tf.cast(tf.random.uniform(()) < 0.5, tf.float32) if flip else tf.constant(0.0)
+    cy, cx = (source[0] - 1) / 2, (source[1] - 1) / 2
+    # output pixel (u, v) -> input point, half-pixel centres as tf.image.resize: ((u + .5) * s - .5)
+    ax = z * sx * (1 - 2 * mirror)
+    bx = cx + z * (0.5 * sx - 0.5 - cx) - tx * sx + mirror * z * sx * (width - 1)
+    by = cy + z * (0.5 * sy - 0.5 - cy) - ty * sy
+    transform = tf.stack([ax, 0.0, bx, 0.0, z * sy, by, 0.0, 0.0])[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(image, tf.float32)[None], transforms=transform, output_shape=[height, width],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
+    return tf.ensure_shape(out, (height, width, 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # What a split reads
 
@@ -77,15 +102,17 @@ class FileSplit:
     def __len__(self):
         return len(self.labels)
 
+    reads_files = True  # records() gives paths: the file is read in the same parallel map as decoding
+
     def records(self, positions=None, shuffle_seed=None):
-        """(encoded bytes, label, file name) for the files at `positions` (all by default)."""
+        """(file name, label, file name) for the files at `positions` (all by default)."""
         paths, labels = self.paths, self.labels
         if positions is not None:
             paths, labels = paths[positions], labels[positions]
         ds = tf.data.Dataset.from_tensor_slices((paths.astype(str), labels.astype(np.int64)))
         if shuffle_seed is not None:
             ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-        return ds.map(lambda p, y: (tf.io.read_file(p), y, p), num_parallel_calls=AUTOTUNE)
+        return ds.map(lambda p, y: (p, y, p))
 
 
 @dataclass
@@ -102,6 +129,7 @@ class RecordSplit:
     labels: np.ndarray
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
+    reads_files = False  # records() gives the encoded image bytes
 
     def __len__(self):
         return len(self.labels)
@@ -168,12 +196,15 @@ class StreamDataset:
     def labels(self, split):
         return self.splits[split].labels
 
-    def images(self, split, positions=None, shuffle_seed=None, parallel=True):
-        """(uint8 image, label) of one split, unbatched."""
+    def images(self, split, positions=None, shuffle_seed=None):
+        """(uint8 image, label) of one split, unbatched, in the split's order (or the seeded
+        shuffle's)."""
         height, width, channels = self.image_shape
-        ds = self.splits[split].records(positions, shuffle_seed)
-        return ds.map(lambda data, label, where: (decode(data, where, height, width, channels), label),
-                      num_parallel_calls=AUTOTUNE if parallel else None)
+        source = self.splits[split]
+        read = tf.io.read_file if source.reads_files else (lambda data: data)
+        return source.records(positions, shuffle_seed).map(
+            lambda data, label, where: (decode(read(data), where, height, width, channels), label),
+            num_parallel_calls=AUTOTUNE)
 
     def pipeline(self, split, batch_size, *, scale="raw", training=False, augment=None, seed=0, repeat=False,
                  cache=None):
@@ -185,6 +216,12 @@ class StreamDataset:
         """
         from keffconvert.data_tf import scale_pixels
 
+        ranges = getattr(augment, "ranges", None)
+        if training and ranges and not cache and self.image_shape[2] == 3:
+            ds = self.augmented(split, ranges, seed)
+            ds = (ds.repeat() if repeat else ds).batch(batch_size)
+            ds = ds.map(lambda a, b: (scale_pixels(a, scale), b), num_parallel_calls=AUTOTUNE)
+            return ds.with_options(_shard_by_data()).prefetch(AUTOTUNE)
         if cache:
             ds = self.images(split).cache("" if cache == "memory" else str(cache))
             if training:
@@ -199,9 +236,25 @@ class StreamDataset:
                         num_parallel_calls=AUTOTUNE)
         else:
             ds = ds.map(lambda a, b: (scale_pixels(a, scale), b), num_parallel_calls=AUTOTUNE)
-        options = tf.data.Options()  # under a multi-worker strategy each worker takes every Nth batch
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return ds.with_options(options).prefetch(AUTOTUNE)
+        return ds.with_options(_shard_by_data()).prefetch(AUTOTUNE)
+
+    def augmented(self, split, ranges, seed):
+        """(float32 image, label), shuffled, each image resized and augmented in one resampling in
+        the parallel decode step (`resize_and_augment`), where the decoding threads share it.
+        Images come as they are ready (`deterministic=False`), so one slow file holds up nothing;
+        the order within a few batches then varies from run to run (the augmentation does anyway)."""
+        height, width, _ = self.image_shape
+        source = self.splits[split]
+        read = tf.io.read_file if source.reads_files else (lambda data: data)
+
+        def load(data, label, where):
+            encoded = read(data)
+            check = tf.debugging.Assert(looks_like_image(encoded), [BAD_IMAGE, where, BAD_IMAGE])
+            with tf.control_dependencies([check]):
+                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            return resize_and_augment(image, height, width, ranges["shift"], ranges["zoom"], ranges["flip"]), label
+
+        return source.records(None, seed).map(load, num_parallel_calls=AUTOTUNE, deterministic=False)
 
     def sample(self, splits=("train",), count=None, seed=None):
         """uint8 images (N, H, W, C): `count` of `splits` (joined in order) drawn with `seed`, in
@@ -240,15 +293,24 @@ class StreamDataset:
         """The name of the first file (or record) that does not decode, or None."""
         height, width, channels = self.image_shape
         for split in ("train", "val", "test"):
-            every = self.splits[split].records()
+            source = self.splits[split]
+            read = tf.io.read_file if source.reads_files else (lambda data: data)
+            every = source.records()
             expected = [w.numpy().decode() for w in every.map(lambda d, y, w: w)]
-            ds = every.map(lambda d, y, w: (decode(d, w, height, width, channels)[0, 0, 0], w))
+            ds = every.map(lambda d, y, w: (decode(read(d), w, height, width, channels)[0, 0, 0], w))
             ds = ds.ignore_errors() if hasattr(ds, "ignore_errors") else ds.apply(tf.data.experimental.ignore_errors())
             seen = {w.numpy().decode() for _, w in ds}
             for where in expected:
                 if where not in seen:
                     return where
         return None
+
+
+def _shard_by_data():
+    """Options: under a multi-worker strategy each worker takes every Nth batch (not every Nth file)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,11 @@ def augmenter(shift=0.1, zoom=0.1, flip=False, seed=0):
         layers.append(keras.layers.RandomZoom(zoom, zoom, fill_mode="nearest", seed=seed + 1, dtype="float32"))
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 2, dtype="float32"))
-    return keras.Sequential(layers, name="augmentation") if layers else None
+    if not layers:
+        return None
+    model = keras.Sequential(layers, name="augmentation")
+    model.ranges = {"shift": float(shift), "zoom": float(zoom), "flip": bool(flip)}  # for streamed data
+    return model
 
 
 def make_dataset(x, y, batch_size, *, scale="raw", training=False, augment=None, seed=0, repeat=False):

@@ -200,3 +200,27 @@ def test_train_steps_per_epoch_on_a_streamed_folder(folder, tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["settings"]["recipe"]["steps_per_epoch"] == 2 and report["data"]["streamed"]
     assert len(report["models"][-1]["history"]) == 1 and 0 <= report["models"][-1]["test_accuracy"] <= 1
+
+
+def test_one_resampling_resize_and_augment_matches_the_plain_resize_and_stays_in_range(folder):
+    import tensorflow as tf
+
+    from keffconvert.data_stream import resize_and_augment
+    from keffconvert.data_tf import augmenter
+
+    image = tf.constant(np.asarray(Image.open(folder / "c1" / "0.png")))
+    plain = tf.image.resize(tf.cast(image, tf.float32), (20, 28), method="bilinear")
+    same = resize_and_augment(image, 20, 28, 0.0, 0.0, False)
+    assert np.allclose(same.numpy()[1:-1, 1:-1], plain.numpy()[1:-1, 1:-1], atol=1e-3)  # edges: fill mode
+    flipped = resize_and_augment(image, 20, 28, 0.0, 0.0, True).numpy()[1:-1, 1:-1]  # flipped or not, at random
+    assert np.allclose(flipped, plain.numpy()[:, ::-1][1:-1, 1:-1], atol=1e-3) or np.allclose(
+        flipped, plain.numpy()[1:-1, 1:-1], atol=1e-3)
+    moved = resize_and_augment(image, 20, 28, 0.2, 0.2, False).numpy()
+    assert moved.min() >= 60 and moved.max() <= 60 + 40  # class 1's pixel range: nearest fill, no black edges
+    data = open_data(folder, (16, 16), 3, seed=0)
+    batches = list(data.pipeline("train", 8, scale="unit", training=True, augment=augmenter(0.1, 0.1)))
+    labels = np.concatenate([b.numpy() for _, b in batches])
+    assert sorted(labels) == sorted(data.labels("train")) and batches[0][0].shape[1:] == (16, 16, 3)
+    for x, y in batches:  # each image keeps its class's pixel range: labels travel with their images
+        means = x.numpy().mean(axis=(1, 2, 3)) * 255
+        assert np.all(np.abs(means - (60 * y.numpy() + 20)) < 12)
