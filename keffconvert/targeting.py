@@ -9,10 +9,12 @@ by default) give it. Choosing is a knapsack over those options:
   own groups only).
 * Sensitivity, the cost of an option: the relative error of the conv's output (pre-activation,
   batch norm folded) under that option, 0 when not converted.
-  - With calibration images: the data-aware fit (`keffconvert.fit.ChainFit`) of the replacement
-    at those groups to the original, on the statistics of the conv's input in the original
-    network (each conv alone, the others left as they are: the question AIMET asks per layer),
-    with the regrouping of expanded channels the conversion also does (`coupling.choose_order`).
+  - With calibration images: the data-aware fit (`keffconvert.fit.ChainFit`: K, then L on
+    what K leaves) of the replacement at those groups to the original, fitted on half of the
+    images and measured on the other half, from the statistics of the conv's input in the
+    original network (each conv alone, the others left as they are: the question AIMET asks
+    per layer), with the regrouping of expanded channels the conversion also does
+    (`coupling.choose_order`).
   - Without data: the share of the (folded) kernel's energy that the block-diagonal grouping
     drops, in K's filter order. That is the relative error of the plain conversion
     (block-diagonal slices, L at zero) for inputs with uncorrelated unit channels. On an
@@ -105,11 +107,11 @@ def target_budget(trainable_before, target_params=None, target_reduction=None):
 
 
 def choose(model, *, target_params=None, target_reduction=None, choices=CHOICES, method="lagrangian",
-           calibration=None, include=None, exclude=None, rounds=1):
+           calibration=None, include=None, exclude=None):
     """Pick every eligible conv's option so the converted model fits the budget at the least cost.
 
     Returns a `Choice`; `BudgetConfigError` (exit 2) when even the most compressed plan is over
-    the budget. `rounds`: K/L alternations of each sensitivity fit (1 is enough to rank).
+    the budget.
     """
     if method not in METHODS:
         raise BudgetConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -127,7 +129,7 @@ def choose(model, *, target_params=None, target_reduction=None, choices=CHOICES,
             f"keeps {smallest:,} of {before:,}")
     if calibration is not None:
         started = _now()
-        data_sensitivity(base, candidates, calibration, rounds=rounds)
+        data_sensitivity(base, candidates, calibration)
         sensitivity = {"kind": "data-aware fit", "samples": int(len(calibration)), "time_s": round(_now() - started, 2)}
     else:
         kernel_sensitivity(candidates)
@@ -190,38 +192,52 @@ def kernel_sensitivity(candidates):
             option.error = 1.0 - kept / total if total > 0 else 0.0
 
 
-def data_sensitivity(analysis, candidates, images, rounds=1, batch_size=64):
-    """Data-aware: each option's fitted relative error on the statistics of the conv's input."""
+def data_sensitivity(analysis, candidates, images, batch_size=64):
+    """Data-aware: each option's relative error on held-out images after a fit on the others.
+
+    The statistics of each conv's input are split by image into two halves: the replacement is
+    fitted on one and measured on the other, since late layers (one pixel per image at small
+    inputs) have more inputs than a few hundred images can pin down, and measured on the images
+    it was fitted to they would all look free. The fit is K alone, then L on what K leaves:
+    the conversion's full fit only lowers that error further, and this is cheap enough to run
+    for every option of every conv.
+    """
     from keffconvert.coupling import choose_order
 
-    stats = input_statistics(analysis, images, batch_size=batch_size)
+    halves = input_statistics(analysis, images, batch_size=batch_size)
     for candidate in candidates:
         chain = candidate.chain
         entry = chain.entry
-        chain_stats = stats[id(chain.conv)]
+        fit_on, measure_on = halves[id(chain.conv)]
         target = folded_map(chain.conv, chain.bn)
         linear = chain.act is None and chain.conv.activation is keras.activations.linear
         options = dict(intercept=chain.bn is not None or chain.conv.use_bias, fit_l=entry.second_conv and linear)
         for option in candidate.options[1:]:
-            positions = _positions(entry, option.groups)
-            order = positions
+            order = _positions(entry, option.groups)
             if not entry.second_conv:  # an expansion: its filters may be regrouped (coupling.py)
-                explained = ChainFit(chain_stats, target, option.groups, **options).explained_by_group()
-                order = choose_order(explained, option.groups)[positions]
-            fit = _RankingFit(chain_stats, target, option.groups, order=order, **options).run(rounds)
-            option.error = float(fit.relative_error)
+                explained = ChainFit(fit_on, target, option.groups, **options).explained_by_group()
+                order = choose_order(explained, option.groups)[order]
+            fitter = ChainFit(fit_on, target, option.groups, order=order, **options)
+            k = fitter._solve_k_alone(fitter.b)
+            l = fitter._solve_l(k) if options["fit_l"] else None
+            option.error = held_out_error(fitter.total_map(k, l), target[:, order], measure_on)
 
 
-class _RankingFit(ChainFit):
-    """The conversion's fit without its final L-BFGS polish: the alternation's error ranks the
-    options as well, and the polish is most of the fit's time (here it would run for every option)."""
-
-    def _polish(self, k, l, iterations=100):
-        return k, l
+def held_out_error(theta, target, stats):
+    """sum ||[x,1] theta - [x,1] target||^2 / sum ||z - mean z||^2 over the pixels behind `stats`
+    (inputs the same on both sides: the original network's), as `ChainFit.relative_error` counts."""
+    moments = stats.conv
+    n = moments[-1, -1]
+    diff = theta - target
+    z_sum = moments[-1] @ target
+    spread = np.sum((moments @ target) * target) - z_sum @ z_sum / n  # trace(T' M T) without the F x F product
+    error = np.sum((moments @ diff) * diff)
+    return float(max(error, 0.0) / spread) if spread > 0 else 0.0
 
 
 def input_statistics(analysis, images, batch_size=64):
-    """{id(conv): ChainStats} of every chain's input in the original network, one walk over `images`."""
+    """{id(conv): (ChainStats of the even images, of the odd images)}: every chain's input in the
+    original network, from one walk over `images`."""
     from keffconvert.graph import Graph, functional_view, is_graph_model
 
     stats = {}
@@ -243,7 +259,8 @@ def input_statistics(analysis, images, batch_size=64):
             else:
                 chain = analysis.chain_of(layer)
                 if chain is not None:
-                    stats[id(layer)] = _statistics(values[id(node.input_tensors[0])], chain.entry.in_channels, rng)
+                    x = values[id(node.input_tensors[0])]
+                    stats[id(layer)] = tuple(_statistics(x[half::2], chain.entry.in_channels, rng) for half in (0, 1))
                 outputs = _call(layer, node, values, batch_size)
             values.update(zip((id(t) for t in node.outputs), outputs))
             for tensor in node.input_tensors:
@@ -257,13 +274,15 @@ def input_statistics(analysis, images, batch_size=64):
 
 
 def _statistics(x, channels, rng):
+    """ChainStats of inputs that are the same in both networks (one product serves all three)."""
     from keffconvert.fit import ChainStats
 
     stats = ChainStats(channels)
     rows = x.reshape(-1, channels)
-    if len(rows) > MAX_PIXELS:
-        rows = rows[np.sort(rng.choice(len(rows), MAX_PIXELS, replace=False))]
-    stats.add(rows, rows)
+    if len(rows) > MAX_PIXELS // 2:
+        rows = rows[np.sort(rng.choice(len(rows), MAX_PIXELS // 2, replace=False))]
+    rows = np.concatenate([rows, np.ones((len(rows), 1), rows.dtype)], axis=1).astype("float64")
+    stats.conv = stats.cross = stats.orig = rows.T @ rows
     return stats
 
 
@@ -401,7 +420,9 @@ def annotate(plan, choice):
 
 def _why(candidate, pick):
     chosen = candidate.options[pick]
-    others = candidate.options[1:]
+    others = [o for o in candidate.options[1:] if o.delta < 0]  # no selection takes one that saves nothing
+    if chosen.cpg is None and not others:
+        return "kept: no conversion of it saves trainable parameters"
     if chosen.cpg is None:
         cheapest = max(others, key=lambda o: o.delta)  # the conversion that saves least
         return (f"kept: its mildest conversion (cpg {cheapest.cpg}) would cost error {cheapest.error:.3f} "

@@ -49,15 +49,6 @@ def test_mobilenetv2_plan_meets_the_budget_and_the_built_model_has_it():
     assert picked <= {4, 8, 16, 32, 64}
 
 
-def test_small_cnn_reduction_target_is_met_exactly_as_counted():
-    base = small_cnn()
-    small, plan = convert(base, target_reduction=30, target_method="greedy")
-    budget = int(np.floor(trainable(base) * 0.7))
-    assert plan.target["budget_trainable_params"] == budget
-    assert trainable(small) == plan.trainable_params_after <= budget
-    assert plan.target["method"] == "greedy" and "lagrangian" in plan.target["compared"]
-
-
 @pytest.mark.parametrize("with_data", [False, True])
 def test_the_conv_that_loses_nothing_is_compressed_first(with_data):
     model = twin_convs()
@@ -96,12 +87,16 @@ def test_cli_target_writes_a_model_within_budget_and_refuses_the_impossible(tmp_
     source = tmp_path / "model.keras"
     small_cnn().save(source)
     out, report = tmp_path / "small.keras", tmp_path / "plan.json"
-    result = CliRunner().invoke(cli, [str(source), "--target-reduction", "40", "-o", str(out), "--report", str(report)])
+    result = CliRunner().invoke(cli, [str(source), "--target-reduction", "40", "--target-method", "greedy",
+                                      "-o", str(out), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "target: 40% fewer trainable parameters" in result.output and "uniform cpg" in result.output
     data = json.loads(report.read_text())["plan"]
+    assert data["target"]["budget_trainable_params"] == int(np.floor(data["trainable_params_before"] * 0.6))
     assert trainable(keras.models.load_model(out)) == data["trainable_params_after"]
     assert data["trainable_params_after"] <= data["target"]["budget_trainable_params"]
+    assert data["target"]["method"] == "greedy" and "lagrangian" in data["target"]["compared"]
+    assert all(e["choice"] for e in data["layers"] if e["options"])
 
     refused = CliRunner().invoke(cli, [str(source), "--target-params", "10", "--dry-run"])
     assert refused.exit_code == 2, refused.output
@@ -110,3 +105,12 @@ def test_cli_target_writes_a_model_within_budget_and_refuses_the_impossible(tmp_
     assert "Traceback" not in refused.output
     conflict = CliRunner().invoke(cli, [str(source), "--target-params", "1k", "-c", "8", "--dry-run"])
     assert conflict.exit_code == 2 and "--target-choices" in conflict.output
+
+
+def test_per_layer_gives_convs_their_own_cpg_or_leaves_them():
+    _, plan = convert(small_cnn(), 16, per_layer={"expand": 4, "red*": None}, dry_run=True)
+    layers = {e.name: e for e in plan.layers}
+    assert (layers["expand"].channels_per_group, layers["expand"].groups) == (4, 8)
+    assert not layers["reduce"].converted and "per-layer" in layers["reduce"].reason
+    assert (layers["project"].channels_per_group, layers["project"].groups) == (16, 2)
+    assert plan.per_layer == {"expand": 4, "red*": None}
