@@ -90,7 +90,9 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
         plan.fidelity = agreement(source, new_model, probe)
     print_plan(plan, skipped=not quiet)
     wrote = None
-    if not plan.converted:
+    if not plan.converted and plan.target:
+        click.echo("nothing to convert: the model already meets the target; no model written")
+    elif not plan.converted:
         click.echo("nothing to convert: no Conv2D is an eligible 1x1 convolution; no model written")
     elif not dry_run:
         wrote = save_model(new_model, output, force)
