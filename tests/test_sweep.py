@@ -1,6 +1,7 @@
 """`keffconvert sweep`: one report whose rows are the run folders' own results, the Pareto front
 right, finished settings skipped on a rerun, bad settings refused in one line."""
 
+import functools
 import json
 import shutil
 
@@ -107,6 +108,7 @@ def test_a_rerun_skips_finished_settings_and_resumes_the_unfinished_one(finished
     calls = []
     real_train = keffconvert.train.train
 
+    @functools.wraps(real_train)  # sweep reads train's signature
     def counting_train(*args, **kwargs):
         calls.append(kwargs["channels_per_group"])
         return real_train(*args, **kwargs)
