@@ -18,8 +18,13 @@ install: $(BIN)/keffconvert
 main: install
 	$(BIN)/keffconvert train efficientnetb0 --data digits --image-size 32 --epochs 30 --with-original --out runs/main
 
+# The suite runs on TEST_WORKERS pytest-xdist processes: `worksteal` hands each worker half of the
+# tests in file order (a module-scoped fixture is built on each worker that runs its tests) and
+# moves queued tests to a worker that runs out. `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: install
 	$(BIN)/python benchmarks/bench_speed.py --out benchmarks/results.json

@@ -128,8 +128,7 @@ def test_tflite_target_uses_grouped_conv2d(converted, images):
 
 
 def test_efficientnet_b0_folds_exactly(b0_small, images):
-    source = moderate(keras.models.clone_model(b0_small))
-    source.set_weights(moderate(b0_small).get_weights())
+    source = moderate(keras.models.clone_model(b0_small))  # a copy: the session's model stays as built
     model, _ = keffconvert.convert(source, 16)
     report = FoldReport()
     folded = inference_model(model, report=report)
@@ -232,11 +231,17 @@ def trained_digits():
     return model, x_train, x_test
 
 
+@pytest.fixture(scope="module")
+def trained_float_size(trained_digits):
+    """The float32 TFLite file's size of the trained model, converted once for both int8 modes."""
+    return len(to_tflite(trained_digits[0]))
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_tflite_int8_agrees_with_float_model(trained_digits, per_channel):
+def test_tflite_int8_agrees_with_float_model(trained_digits, trained_float_size, per_channel):
     model, x_train, x_test = trained_digits
     content = to_tflite(model, int8=True, calibration=x_train[:64], per_channel=per_channel)
-    float_size = len(to_tflite(model))
+    float_size = trained_float_size
     got, want = predict(content, x_test), model.predict(x_test, verbose=0)
     agreement = float(np.mean(got.argmax(1) == want.argmax(1)))
     print(f"int8 per_channel={per_channel}: top-1 agreement {agreement:.3f} on {len(x_test)} held-out digits, "
