@@ -203,7 +203,9 @@ def _row(run):
     return {
         "channels_per_group": run["channels_per_group"], "name": converted["name"],
         "run_dir": _folder_name(run),
-        "trainable_params": converted["trainable_params"], "total_params": converted["total_params"],
+        # the architecture's counts (the plan's): fine-tuning with frozen batch norms updates fewer
+        "trainable_params": plan["trainable_params_after"], "total_params": plan["total_params_after"],
+        "updated_params": converted["trainable_params"],
         "macs": converted["macs"], "reduction_pct": converted["reduction_pct"],
         "macs_reduction_pct": plan.get("macs_reduction_pct"),
         "converted_layers": plan.get("converted_layers"), "skipped_layers": plan.get("skipped_layers"),
@@ -222,13 +224,14 @@ def _reference(runs):
         original = run["models"][0]
         if original["test_accuracy"] is not None:
             return {"name": original["name"], "run_dir": _folder_name(run),
-                    "trainable_params": original["trainable_params"], "total_params": original["total_params"],
+                    "trainable_params": run["plan"]["trainable_params_before"],
+                    "total_params": run["plan"]["total_params_before"],
                     "macs": original["macs"], "test_accuracy": original["test_accuracy"],
                     "test_loss": original["test_loss"], "trained": original["trained"],
                     "epochs": original.get("epochs"), "train_time_s": original.get("train_time_s")}
     original = runs[0]["models"][0]
-    return {"name": original["name"], "run_dir": None, "trainable_params": original["trainable_params"],
-            "total_params": original["total_params"], "macs": original["macs"], "test_accuracy": None,
+    return {"name": original["name"], "run_dir": None, "trainable_params": runs[0]["plan"]["trainable_params_before"],
+            "total_params": runs[0]["plan"]["total_params_before"], "macs": original["macs"], "test_accuracy": None,
             "test_loss": None, "trained": False, "epochs": None, "train_time_s": None}
 
 

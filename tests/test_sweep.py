@@ -59,6 +59,7 @@ def test_rows_are_the_run_folders_own_results(finished_sweep):
         assert row["run_dir"] == f"cpg-{row['channels_per_group']}"
         for key in ("trainable_params", "total_params", "macs", "reduction_pct", "test_accuracy", "test_loss"):
             assert row[key] == converted[key], key
+        assert row["trainable_params"] == run["plan"]["trainable_params_after"]
         assert row["converted_layers"] == run["plan"]["converted_layers"] == 2
     # fewer channels per group: more groups, fewer parameters and MACs
     assert report["rows"][0]["trainable_params"] < report["rows"][1]["trainable_params"]
