@@ -86,6 +86,9 @@ def test_training_pipeline_reshuffles_each_epoch_and_is_seeded(folder):
     assert x.dtype.name == "float32" and float(x.numpy().max()) <= 1.0
     endless = data.pipeline("train", 8, training=True, repeat=True)
     assert len(list(endless.take(7))) == 7  # 21 images give 3 batches a pass; repeat goes on
+    cached = data.pipeline("train", 32, training=True, seed=5, cache="memory")
+    passes = [np.concatenate([b.numpy() for _, b in cached]) for _ in range(2)]
+    assert all(sorted(p) == sorted(data.labels("train")) for p in passes) and not np.array_equal(*passes)
 
 
 def test_sample_draws_the_same_images_as_the_in_memory_data(folder):
