@@ -115,6 +115,9 @@ def throughput(folder, repeats, batch=64, size=224):
                 seen += int(x.shape[0])
             results[name].append(seen / (time.time() - start))
             assert seen == count, (name, seen, count)
+    import shutil
+
+    shutil.rmtree(same, ignore_errors=True)
     return {name: {"images_per_s": [round(v, 1) for v in values], "median": round(statistics.median(values), 1)}
             for name, values in results.items()}, count
 
