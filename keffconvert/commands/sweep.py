@@ -69,11 +69,9 @@ def print_sweep(report, console):
     from keffconvert.sweep import sweep_columns, sweep_rows
 
     table = Table(title=f"{report['source']} sweep ({report['mode']}, {report['epochs']} epochs)")
-    for column in sweep_columns(report):
-        if column in ("model", "run folder"):
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, justify="right")
-    for row in sweep_rows(report):
-        table.add_row(*row)
+    for column in sweep_columns(report)[1:]:  # the setting names the row; the model name is long
+        table.add_column("cpg" if column == "channels per group" else column,
+                         justify="left" if column == "run folder" else "right")
+    for index, row in enumerate(sweep_rows(report)):
+        table.add_row(*(["original"] if index == 0 else [row[1]]), *row[2:])
     console.print(table)
