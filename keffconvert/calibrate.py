@@ -8,7 +8,8 @@ replaced chain, in topological order, the statistics of its input in the convert
 in the original are accumulated, the replacement is fitted (`keffconvert.fit`), and its output
 with the fitted weights is what the converted network carries on. So the whole fit costs about
 two forward passes of the calibration set, plus a small least-squares problem per chain. Values
-are dropped as soon as their last consumer has run.
+are dropped as soon as their last consumer has run, and stay backend tensors throughout (no
+copies to numpy and back between layers; only the chains' second moments come to numpy).
 """
 
 import time
@@ -48,10 +49,10 @@ def calibrate(analysis, replacements, clones, images, *, batch_size=64, rounds=3
     """
     start = time.time()
     walker = _Walker(analysis, replacements, clones, batch_size, rounds, regroup, progress)
-    x = np.asarray(images, "float32")
+    x = keras.ops.convert_to_tensor(np.asarray(images, "float32"))
     model = analysis.model
     walker.run_level(model, [x], [x], prefix="")
-    return {"samples": int(len(x)), "time_s": round(time.time() - start, 3), "layers": walker.results}
+    return {"samples": int(x.shape[0]), "time_s": round(time.time() - start, 3), "layers": walker.results}
 
 
 class _Walker:
@@ -107,34 +108,27 @@ class _Walker:
         return [orig[id(t)] for t in outputs], [conv[id(t)] for t in outputs]
 
     def _call(self, layer, node, values):
-        """`layer` on the values of `node`'s inputs, `batch_size` images at a time; numpy outputs."""
+        """`layer` on the values of `node`'s inputs, `batch_size` images at a time."""
         args, kwargs = node.arguments.fill_in(values)
-        n = len(values[id(node.input_tensors[0])])
+        n = values[id(node.input_tensors[0])].shape[0]
+        if n <= self.batch_size:
+            return keras.tree.flatten(layer(*args, **kwargs))
         chunks = []
         for start in range(0, n, self.batch_size):
             def cut(v, start=start):
-                return v[start:start + self.batch_size] if isinstance(v, np.ndarray) and len(v) == n else v
+                return v[start:start + self.batch_size] if _is_batch(v, n) else v
 
             out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
-            chunks.append([keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(out)])
-        return [np.concatenate(parts) for parts in zip(*chunks)]
+            chunks.append(keras.tree.flatten(out))
+        return [keras.ops.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
     def _fit(self, chain, x_conv, x_orig, prefix):
         """Fit one chain's replacement and return its output on the converted network's values."""
         started = time.time()
         entry = chain.entry
         replacement = self.replacements[id(chain.conv)]
-        stats = ChainStats(entry.in_channels)
-        pixels_per_image = int(np.prod(x_conv.shape[1:-1]))
-        keep = min(1.0, MAX_PIXELS / max(1, pixels_per_image * len(x_conv)))
-        rng = np.random.default_rng(len(self.results))
-        for start in range(0, len(x_conv), self.batch_size):
-            xc = x_conv[start:start + self.batch_size].reshape(-1, entry.in_channels)
-            xo = x_orig[start:start + self.batch_size].reshape(-1, entry.in_channels)
-            if keep < 1.0:
-                rows = rng.random(len(xc)) < keep
-                xc, xo = xc[rows], xo[rows]
-            stats.add(xc, xo)
+        stats = _chain_stats(x_conv, x_orig, entry.in_channels, self.batch_size,
+                             np.random.default_rng(len(self.results)))
         linear = chain.act is None and chain.conv.activation is keras.activations.linear
         intercept = chain.bn is not None or chain.conv.use_bias
         target = folded_map(chain.conv, chain.bn)
@@ -165,9 +159,9 @@ class _Walker:
                               "fit_time_s": round(time.time() - started, 3)}
         if self.progress is not None:
             self.progress(name, fit.relative_error)
-        out = [keras.ops.convert_to_numpy(replacement(x_conv[s:s + self.batch_size]))
-               for s in range(0, len(x_conv), self.batch_size)]
-        return np.concatenate(out)
+        n = x_conv.shape[0]
+        return keras.ops.concatenate([replacement(x_conv[s:s + self.batch_size])
+                                      for s in range(0, n, self.batch_size)], axis=0)
 
     def _channel_order(self, chain, stats, target, options):
         """The order of the chain's output channels in the converted model (identity outside a
@@ -182,3 +176,28 @@ class _Walker:
             self.orders[id(region)] = perm
             permute_region(region, perm, self.clones)
         return self.orders[id(region)]
+
+
+def _is_batch(value, n):
+    return keras.ops.is_tensor(value) and len(value.shape) > 0 and value.shape[0] == n
+
+
+def _chain_stats(x_conv, x_orig, channels, batch_size, rng):
+    """`ChainStats` of a chain's inputs in both networks; above MAX_PIXELS pixels, of a seeded
+    random subset. The products run on the backend (multithreaded, no copy to numpy)."""
+    ops = keras.ops
+    n = x_conv.shape[0]
+    pixels = int(np.prod(x_conv.shape[1:-1]))
+    keep = min(1.0, MAX_PIXELS / max(1, pixels * n))
+    stats = ChainStats(channels)
+    for start in range(0, n, batch_size):
+        xc = ops.reshape(x_conv[start:start + batch_size], (-1, channels))
+        xo = ops.reshape(x_orig[start:start + batch_size], (-1, channels))
+        if keep < 1.0:
+            rows = np.flatnonzero(rng.random(xc.shape[0]) < keep)
+            xc, xo = ops.take(xc, rows, axis=0), ops.take(xo, rows, axis=0)
+        both = ops.concatenate([xc, xo], axis=1)
+        products = ops.convert_to_numpy(ops.matmul(ops.transpose(both), both)).astype("float64")
+        sums = ops.convert_to_numpy(ops.sum(both, axis=0)).astype("float64")
+        stats.add_moments(products, sums, int(xc.shape[0]))
+    return stats

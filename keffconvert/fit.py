@@ -30,6 +30,13 @@ from keffconvert.layers import interleave_permutation
 from keffconvert.weights import bn_affine, block_diagonal
 
 
+# Relative residual at which the K-given-L conjugate gradients stop. Each solve is one step of an
+# alternation that L-BFGS polishes afterwards, so it need not be exact: on the 16 project convs
+# of B0 trained on digits, 1e-3 instead of 1e-9 left every chain's fitted error within 1.2% of
+# its value (the mean unchanged) and the fits took 3.4x less time.
+CG_TOLERANCE = 1e-3
+
+
 def folded_map(conv, bn):
     """W of shape (C+1, F): the chain's pre-activation is [x, 1] @ W (B in inference mode)."""
     weights = conv.get_weights()
@@ -56,6 +63,16 @@ class ChainStats:
         self.conv += (xc.T @ xc).astype("float64")
         self.cross += (xc.T @ xo).astype("float64")
         self.orig += (xo.T @ xo).astype("float64")
+
+    def add_moments(self, products, sums, count):
+        """Add rows given by their moments: `products` = [xc, xo]^T [xc, xo], `sums` its column sums."""
+        c = self.conv.shape[0] - 1
+        for target, rows, cols in ((self.conv, slice(0, c), slice(0, c)), (self.cross, slice(0, c), slice(c, 2 * c)),
+                                   (self.orig, slice(c, 2 * c), slice(c, 2 * c))):
+            target[:c, :c] += products[rows, cols]
+            target[:c, c] += sums[rows]
+            target[c, :c] += sums[cols]
+            target[c, c] += count
 
     @property
     def count(self):
@@ -93,15 +110,12 @@ class ChainFit:
         self.perm = interleave_permutation(self.filters, step) if step > 1 else np.arange(self.filters)
         self.k_mask = _group_mask(self.channels, self.filters, groups, intercept)
         self.l_mask = _group_mask(self.filters, self.filters, groups, intercept)
-        self._k_factors = _group_factors(stats.conv, self.k_mask, groups, ridge)
+        self._k_solver = _GroupSolver(stats.conv, self.k_mask, groups, ridge)
 
     def explained_by_group(self):
         """(F, g): how much of each target column each group's inputs reproduce (sum of squares)."""
         mask = _group_mask(self.channels, self.groups, self.groups, self.intercept)  # rows of each group
-        explained = np.zeros((self.filters, self.groups))
-        for j, (rows, factor) in enumerate(_group_factors(self.stats.conv, mask, self.groups, self.ridge)):
-            explained[:, j] = np.sum(self.b[rows] * cho_solve(factor, self.b[rows]), axis=0)
-        return explained
+        return _GroupSolver(self.stats.conv, mask, self.groups, self.ridge).quadratic_forms(self.b)
 
     def run(self, rounds=3):
         k = self._solve_k_alone(self.b)
@@ -164,7 +178,7 @@ class ChainFit:
 
     def _solve_k_alone(self, rhs):
         """Per group: (A_jj + ridge) theta = rhs_j on the group's inputs (and the intercept)."""
-        return _apply_group_inverse(self._k_factors, rhs, self.k_mask, self.groups)
+        return self._k_solver(rhs)
 
     def l_inputs(self, k):
         """G with [P k, 1] = [x, 1] @ G."""
@@ -178,8 +192,7 @@ class ChainFit:
         g = self.l_inputs(k)
         gram = g.T @ self.stats.conv @ g
         rhs = g.T @ (self.b - self.stats.conv @ k)
-        factors = _group_factors(gram, self.l_mask, self.groups, self.ridge)
-        return _apply_group_inverse(factors, rhs, self.l_mask, self.groups)
+        return _GroupSolver(gram, self.l_mask, self.groups, self.ridge)(rhs)
 
     def _solve_k_given_l(self, k, l):
         """min ||[x,1] K T + 1 l0 - z||^2 over block-diagonal K, with T = I + P L: CG on the masked
@@ -207,7 +220,7 @@ class ChainFit:
             alpha = rz / np.sum(direction * q)
             theta += alpha * direction
             residual -= alpha * q
-            if np.sqrt(np.sum(residual * residual)) < 1e-9 * norm0:
+            if np.sqrt(np.sum(residual * residual)) < CG_TOLERANCE * norm0:
                 break
             z = self._solve_k_alone(residual)
             rz_new = np.sum(residual * z)
@@ -251,31 +264,36 @@ def _group_mask(channels, filters, groups, intercept):
     return mask
 
 
-def _group_rows(mask, groups, j):
-    filters = mask.shape[1]
-    col = j * (filters // groups)
-    return np.flatnonzero(mask[:, col])
+class _GroupSolver:
+    """The per-group ridge solves (G_jj + ridge)^-1 of a block-diagonal problem, all groups at once.
 
+    Every group has the same number of rows (its C/g inputs, plus the intercept row when there is
+    one), so the inverses are one (g, r, r) stack applied by one batched matmul: the fit calls
+    these solves thousands of times, and one LAPACK call per group made Python the bottleneck.
+    """
 
-def _group_factors(gram, mask, groups, ridge):
-    """Cholesky factors of each group's (ridged) Gram matrix over its rows."""
-    scale = np.trace(gram) / len(gram)
-    factors = []
-    for j in range(groups):
-        rows = _group_rows(mask, groups, j)
-        sub = gram[np.ix_(rows, rows)] + ridge * scale * np.eye(len(rows))
-        factors.append((rows, cho_factor(sub)))
-    return factors
+    def __init__(self, gram, mask, groups, ridge):
+        filters = mask.shape[1]
+        self.width = filters // groups
+        self.rows = np.stack([np.flatnonzero(mask[:, j * self.width]) for j in range(groups)])  # (g, r)
+        self.cols = np.arange(filters).reshape(groups, self.width)  # (g, w)
+        self.mask = mask
+        scale = np.trace(gram) / len(gram)
+        sub = gram[self.rows[:, :, None], self.rows[:, None, :]] + ridge * scale * np.eye(self.rows.shape[1])
+        eye = np.eye(self.rows.shape[1])
+        self.inverse = np.stack([cho_solve(cho_factor(block), eye) for block in sub])  # (g, r, r)
 
+    def __call__(self, rhs):
+        """theta with theta[rows_j, cols_j] = (G_jj + ridge)^-1 rhs[rows_j, cols_j]; 0 off the mask."""
+        index = (self.rows[:, :, None], self.cols[:, None, :])
+        theta = np.zeros_like(rhs)
+        theta[index] = self.inverse @ rhs[index]
+        return theta * self.mask
 
-def _apply_group_inverse(factors, rhs, mask, groups):
-    """theta with theta[rows_j, cols_j] = (G_jj + ridge)^-1 rhs[rows_j, cols_j]; 0 off the mask."""
-    theta = np.zeros_like(rhs)
-    width = rhs.shape[1] // groups
-    for j, (rows, factor) in enumerate(factors):
-        cols = slice(j * width, (j + 1) * width)
-        theta[rows, cols] = cho_solve(factor, rhs[rows, cols])
-    return theta * mask
+    def quadratic_forms(self, rhs):
+        """(columns, g): rhs_j^T (G_jj + ridge)^-1 rhs_j for every column of rhs and group j."""
+        blocks = rhs[self.rows]  # (g, r, columns)
+        return np.sum(blocks * (self.inverse @ blocks), axis=1).T
 
 
 def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
@@ -294,7 +312,7 @@ def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
     n = gram[-1, -1]
     core = theta[:-1]
     mean = gram[-1, :-1] @ core / n
-    second = np.einsum("if,ij,jf->f", core, gram[:-1, :-1], core) / n
+    second = np.sum(core * (gram[:-1, :-1] @ core), axis=0) / n
     var = np.maximum(second - mean ** 2, 0.0)
     conv = [kernel] + ([np.zeros(filters, "float32")] if use_bias else [])
     bn = [np.sqrt(var + bn_epsilon), mean + bias, mean, var]
