@@ -269,14 +269,7 @@ class GroupedPointwiseConv2D(keras.layers.Layer):
         config.update(
             filters=self.filters,
             groups=self.groups,
-            use_bias=self.use_bias,
-            activation=keras.activations.serialize(self.activation),
-            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
-            bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
-            bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
-            kernel_constraint=keras.constraints.serialize(self.kernel_constraint),
-            bias_constraint=keras.constraints.serialize(self.bias_constraint),
+            **_kernel_settings(self),
         )
         return config
 
@@ -417,16 +410,24 @@ class PaddedGroupedPointwiseConv2D(keras.layers.Layer):
         config.update(
             filters=self.filters,
             channels_per_group=self.channels_per_group,
-            use_bias=self.use_bias,
-            activation=keras.activations.serialize(self.activation),
-            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
-            bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
-            bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
-            kernel_constraint=keras.constraints.serialize(self.kernel_constraint),
-            bias_constraint=keras.constraints.serialize(self.bias_constraint),
+            **_kernel_settings(self),
         )
         return config
+
+
+def _kernel_settings(layer):
+    """The config entries a grouped pointwise layer shares with Conv2D (bias, activation,
+    initializers, regularizers, constraints), serialized."""
+    return dict(
+        use_bias=layer.use_bias,
+        activation=keras.activations.serialize(layer.activation),
+        kernel_initializer=keras.initializers.serialize(layer.kernel_initializer),
+        bias_initializer=keras.initializers.serialize(layer.bias_initializer),
+        kernel_regularizer=keras.regularizers.serialize(layer.kernel_regularizer),
+        bias_regularizer=keras.regularizers.serialize(layer.bias_regularizer),
+        kernel_constraint=keras.constraints.serialize(layer.kernel_constraint),
+        bias_constraint=keras.constraints.serialize(layer.bias_constraint),
+    )
 
 
 def custom_objects():

@@ -140,7 +140,7 @@ def sweep(model, data="digits", *, channels_per_group=DEFAULT_SETTINGS, mode="sc
 def _start_sweep_dir(out, settings, force):
     """Refuse a finished sweep or one with other settings (without `force`); with `force`, clear
     what earlier sweeps wrote here; then record the settings."""
-    from keffconvert.train import clear_run
+    from keffconvert.train import clear_run, make_output_dir
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
@@ -166,12 +166,7 @@ def _start_sweep_dir(out, settings, force):
         for folder in sorted(out.glob("cpg-*")) if out.is_dir() else []:
             if folder.is_dir():
                 clear_run(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create {out}: {error.strerror or error}") from error
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {out} is not writable")
+    make_output_dir(out)
     write_json(manifest, {"format": SWEEP_FORMAT, "settings": settings}, force=True)
 
 

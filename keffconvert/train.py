@@ -628,13 +628,18 @@ def start_run_dir(out, settings, force, resumed):
     out = Path(out)
     if force or not resumed:
         clear_run(out)
+    make_output_dir(out)
+    write_json(out / "run.json", {"format": RUN_FORMAT, "settings": settings}, force=True)
+
+
+def make_output_dir(out):
+    """Create `out` (and its parents), or say in one line why it cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create {out}: {error.strerror or error}") from error
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {out} is not writable")
-    write_json(out / "run.json", {"format": RUN_FORMAT, "settings": settings}, force=True)
 
 
 def clear_run(out):
