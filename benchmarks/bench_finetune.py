@@ -79,6 +79,26 @@ def train_original(name, epochs, seed, path, bn_momentum=None):
     return path
 
 
+def nest_as_transfer(b0_path, path):
+    """The transfer layout (`build("transfer")`) holding a trained EfficientNet-B0's weights: the
+    base gets every layer of B0 below its head, the Dense gets B0's `predictions`. B0's own head is
+    the same pooling, dropout and Dense, so the nested model computes exactly what B0 does."""
+    import keras
+
+    trained = keras.models.load_model(b0_path, compile=False)
+    size = trained.input_shape[1]
+    model = build("transfer", size=size, classes=trained.outputs[0].shape[-1])
+    base = model.layers[0]
+    for layer in base.layers:
+        layer.set_weights(trained.get_layer(layer.name).get_weights())
+    model.layers[-1].set_weights(trained.get_layer("predictions").get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype("float32")
+    difference = np.max(np.abs(model.predict(x, verbose=0) - trained.predict(x, verbose=0)))
+    assert difference < 1e-5, f"the nested copy disagrees with {b0_path} by {difference}"
+    model.save(path)
+    return path
+
+
 def run_arm(arm, original, epochs, workdir):
     from keffconvert.train import recipe_from_options, train
 
@@ -161,11 +181,22 @@ def plot(record, path):
     figure.savefig(path, dpi=120)
 
 
+def describe_original(args):
+    if args.original:
+        return str(args.original)
+    if args.transfer_from:
+        return f"{args.transfer_from}, nested as Sequential([base, pooling, dropout, Dense])"
+    momentum = f", batch-norm momentum {args.bn_momentum}" if args.bn_momentum is not None else ""
+    return f"trained here: {args.original_epochs} epochs, seed {args.seed}{momentum}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="efficientnetb0", choices=["efficientnetb0", "mobilenetv2", "transfer"])
     parser.add_argument("--original", default=None, help="a trained .keras original; default: train one here")
     parser.add_argument("--original-epochs", type=int, default=40)
+    parser.add_argument("--transfer-from", default=None,
+                        help="--model transfer: nest this trained EfficientNet-B0 (.keras) as the original")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--bn-momentum", type=float, default=None,
                         help="batch-norm momentum of the original while it is trained here (MobileNetV2: 0.9)")
@@ -181,13 +212,12 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     original = args.original
     start = time.time()
-    if original is None:
+    if original is None and args.transfer_from:
+        original = nest_as_transfer(args.transfer_from, workdir / "original.keras")
+    elif original is None:
         original = train_original(args.model, args.original_epochs, args.seed, workdir / "original.keras",
                                   args.bn_momentum)
-    record = {"model": args.model, "original": str(args.original or f"trained here: {args.original_epochs} "
-                                                   f"epochs, seed {args.seed}"
-                                                   + (f", batch-norm momentum {args.bn_momentum}"
-                                                      if args.bn_momentum is not None else "")),
+    record = {"model": args.model, "original": describe_original(args),
               "original_train_s": round(time.time() - start, 1), "epochs": args.epochs, "arms": []}
     for arm in args.arms.split(","):
         result = run_arm(arm, original, args.epochs, workdir)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from keffconvert.coupling import choose_order, find_regions, permute_region
-from keffconvert.fit import ChainFit, ChainStats, folded_map, layer_weights
+from keffconvert.fit import BlockGrouping, ChainFit, ChainStats, PaddedGrouping, folded_map, layer_weights
 from keffconvert.graph import Graph, functional_view, is_graph_model
 from keffconvert.weights import output_order
 
@@ -60,7 +60,8 @@ class _Walker:
         self.analysis = analysis
         self.replacements = replacements
         self.clones = clones
-        self.regroup = regroup
+        # the 2022 variant's padded groups overlap: no free channel order to choose
+        self.regroup = regroup and not any(_is_padded(chain) for chain in analysis.chains.values())
         self.regions = {}  # id(conv) -> Region, for the level being walked
         self.orders = {}  # id(Region) -> channel order chosen at its first chain
         self.batch_size = batch_size
@@ -133,7 +134,9 @@ class _Walker:
         intercept = chain.bn is not None or chain.conv.use_bias
         target = folded_map(chain.conv, chain.bn)
         options = dict(intercept=intercept, fit_l=entry.second_conv and linear)
-        positions = np.arange(entry.filters) if entry.second_conv else output_order(entry)
+        padded = _is_padded(chain)  # the 2022 variant: no interleave on the output
+        positions = np.arange(entry.filters) if entry.second_conv or padded else output_order(entry)
+        options["grouping"] = _grouping(chain)
         fitter = ChainFit(stats, target, entry.groups, order=positions, **options)
         slices = fitter.relative_error(fitter.target * fitter.k_mask, None)  # the plain conversion's K
         channel_order = self._channel_order(chain, stats, target, options)
@@ -142,14 +145,14 @@ class _Walker:
         fit = fitter.run(self.rounds)
         epsilon = chain.bn.epsilon if chain.bn is not None else None
         use_bias = chain.conv.use_bias
-        k_conv, k_bn = layer_weights(fit.k, stats.conv, entry.groups, use_bias=use_bias, bn_epsilon=epsilon)
+        k_conv, k_bn = layer_weights(fit.k, stats.conv, fitter.grouping, use_bias=use_bias, bn_epsilon=epsilon)
         replacement.k.set_weights(k_conv)
         if k_bn is not None:
             replacement.k_bn.set_weights(k_bn)
         if fit.l is not None:
             g = fitter.l_inputs(fit.k)
-            l_conv, l_bn = layer_weights(fit.l, g.T @ stats.conv @ g, entry.groups, use_bias=use_bias,
-                                         bn_epsilon=epsilon)
+            l_conv, l_bn = layer_weights(fit.l, g.T @ stats.conv @ g, fitter.grouping, use_bias=use_bias,
+                                         bn_epsilon=epsilon, role="l")
             replacement.l.set_weights(l_conv)
             if l_bn is not None:
                 replacement.l_bn.set_weights(l_bn)
@@ -176,6 +179,18 @@ class _Walker:
             self.orders[id(region)] = perm
             permute_region(region, perm, self.clones)
         return self.orders[id(region)]
+
+
+def _is_padded(chain):
+    """Whether the chain is replaced by the 2022 variant's padded grouped convs."""
+    return bool(chain.new_layer("k").channels_per_group)
+
+
+def _grouping(chain):
+    entry = chain.entry
+    if _is_padded(chain):
+        return PaddedGrouping(entry.in_channels, entry.filters, chain.new_layer("k").channels_per_group)
+    return BlockGrouping(entry.in_channels, entry.filters, entry.groups)
 
 
 def _is_batch(value, n):

@@ -29,7 +29,7 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
         progress: called with (layer name, relative error) after each fitted layer.
         variant: "2021" (METHOD.md, the default) or "2022" (the Entropy 2022 follow-up without
             divisibility constraints, `keffconvert.variant2022`: cpg input channels per group
-            whatever C and F are). The data-aware fit does not handle "2022" yet.
+            whatever C and F are); the data-aware fit handles both.
         per_layer: {layer name, `outer/inner` path or glob: cpg or None}: these convs take their
             own channels per group (None: left as they are); exact names win over globs, then the
             first matching glob. The plan gives each conv's cpg.
@@ -52,11 +52,6 @@ def convert(model, channels_per_group=16, *, include=None, exclude=None, dry_run
     from keffconvert.variant2022 import check_variant
 
     variant = check_variant(variant)
-    if variant == "2022" and calibration is not None:
-        from keffconvert.errors import UsageConflict
-
-        raise UsageConflict("the data-aware fit (calibration) does not handle --variant 2022 yet; "
-                            "convert without calibration data")
     choice = None
     if target_params is not None or target_reduction is not None:
         choice = _choose_target(model, variant, per_layer, include, exclude, calibration, target_params,

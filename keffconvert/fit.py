@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from keffconvert.layers import interleave_permutation
+from keffconvert.layers import interleave_permutation, padded_input_index
 from keffconvert.weights import bn_affine, block_diagonal
 
 
@@ -96,7 +96,7 @@ class Fit:
 class ChainFit:
     """Fits one chain's replacement to its folded map W from its `ChainStats`."""
 
-    def __init__(self, stats, target, groups, *, intercept, fit_l, order=None, ridge=1e-4):
+    def __init__(self, stats, target, groups, *, intercept, fit_l, order=None, ridge=1e-4, grouping=None):
         self.stats = stats
         self.channels = stats.conv.shape[0] - 1
         self.filters = target.shape[1]
@@ -106,16 +106,18 @@ class ChainFit:
         self.ridge = ridge
         self.target = target if order is None else target[:, order]  # K's filter q computes z[:, order[q]]
         self.b = stats.cross @ self.target  # sum of xc^T z
-        step = self.filters // groups
-        self.perm = interleave_permutation(self.filters, step) if step > 1 else np.arange(self.filters)
-        self.k_mask = _group_mask(self.channels, self.filters, groups, intercept)
-        self.l_mask = _group_mask(self.filters, self.filters, groups, intercept)
-        self._k_solver = _GroupSolver(stats.conv, self.k_mask, groups, ridge)
+        if grouping is None:
+            grouping = BlockGrouping(self.channels, self.filters, groups)
+        self.grouping = grouping
+        self.perm = grouping.perm
+        self.k_mask = grouping.k_mask(intercept)
+        self.l_mask = grouping.l_mask(intercept)
+        self._k_solver = _GroupSolver(stats.conv, self.k_mask, ridge)
 
     def explained_by_group(self):
         """(F, g): how much of each target column each group's inputs reproduce (sum of squares)."""
         mask = _group_mask(self.channels, self.groups, self.groups, self.intercept)  # rows of each group
-        return _GroupSolver(self.stats.conv, mask, self.groups, self.ridge).quadratic_forms(self.b)
+        return _GroupSolver(self.stats.conv, mask, self.ridge).quadratic_forms(self.b)
 
     def run(self, rounds=3):
         k = self._solve_k_alone(self.b)
@@ -192,7 +194,7 @@ class ChainFit:
         g = self.l_inputs(k)
         gram = g.T @ self.stats.conv @ g
         rhs = g.T @ (self.b - self.stats.conv @ k)
-        return _GroupSolver(gram, self.l_mask, self.groups, self.ridge)(rhs)
+        return _GroupSolver(gram, self.l_mask, self.ridge)(rhs)
 
     def _solve_k_given_l(self, k, l):
         """min ||[x,1] K T + 1 l0 - z||^2 over block-diagonal K, with T = I + P L: CG on the masked
@@ -265,38 +267,96 @@ def _group_mask(channels, filters, groups, intercept):
 
 
 class _GroupSolver:
-    """The per-group ridge solves (G_jj + ridge)^-1 of a block-diagonal problem, all groups at once.
+    """The per-group ridge solves (G_jj + ridge)^-1 of a grouped problem, all groups at once.
 
-    Every group has the same number of rows (its C/g inputs, plus the intercept row when there is
-    one), so the inverses are one (g, r, r) stack applied by one batched matmul: the fit calls
-    these solves thousands of times, and one LAPACK call per group made Python the bottleneck.
+    A group is a set of columns of `mask` with the same rows (its inputs, plus the intercept row
+    when there is one). When every group has as many rows and columns (the 2021 method) the
+    inverses are one (g, r, r) stack applied by one batched matmul: the fit calls these solves
+    thousands of times, and one LAPACK call per group made Python the bottleneck.
     """
 
-    def __init__(self, gram, mask, groups, ridge):
-        filters = mask.shape[1]
-        self.width = filters // groups
-        self.rows = np.stack([np.flatnonzero(mask[:, j * self.width]) for j in range(groups)])  # (g, r)
-        self.cols = np.arange(filters).reshape(groups, self.width)  # (g, w)
+    def __init__(self, gram, mask, ridge):
+        patterns, column_group = np.unique(mask.T, axis=0, return_inverse=True)
+        self.rows = [np.flatnonzero(pattern) for pattern in patterns]
+        self.column_group = column_group.ravel()
+        self.cols = [np.flatnonzero(self.column_group == j) for j in range(len(patterns))]
         self.mask = mask
         scale = np.trace(gram) / len(gram)
-        sub = gram[self.rows[:, :, None], self.rows[:, None, :]] + ridge * scale * np.eye(self.rows.shape[1])
-        eye = np.eye(self.rows.shape[1])
-        self.inverse = np.stack([cho_solve(cho_factor(block), eye) for block in sub])  # (g, r, r)
+        self.inverse = [cho_solve(cho_factor(gram[np.ix_(rows, rows)] + ridge * scale * np.eye(len(rows))),
+                                  np.eye(len(rows))) for rows in self.rows]
+        self.batched = len({len(r) for r in self.rows}) == 1 and len({len(c) for c in self.cols}) == 1
+        if self.batched:
+            self.index = (np.stack(self.rows)[:, :, None], np.stack(self.cols)[:, None, :])
+            self.stack = np.stack(self.inverse)
 
     def __call__(self, rhs):
         """theta with theta[rows_j, cols_j] = (G_jj + ridge)^-1 rhs[rows_j, cols_j]; 0 off the mask."""
-        index = (self.rows[:, :, None], self.cols[:, None, :])
         theta = np.zeros_like(rhs)
-        theta[index] = self.inverse @ rhs[index]
+        if self.batched:
+            theta[self.index] = self.stack @ rhs[self.index]
+        else:
+            for rows, cols, inverse in zip(self.rows, self.cols, self.inverse):
+                theta[np.ix_(rows, cols)] = inverse @ rhs[np.ix_(rows, cols)]
         return theta * self.mask
 
     def quadratic_forms(self, rhs):
-        """(columns, g): rhs_j^T (G_jj + ridge)^-1 rhs_j for every column of rhs and group j."""
-        blocks = rhs[self.rows]  # (g, r, columns)
-        return np.sum(blocks * (self.inverse @ blocks), axis=1).T
+        """(columns of rhs, columns of the mask): rhs^T (G_jj + ridge)^-1 rhs over the rows of the
+        group j that each column of the mask belongs to."""
+        forms = np.stack([np.sum(rhs[rows] * (inverse @ rhs[rows]), axis=0)
+                          for rows, inverse in zip(self.rows, self.inverse)], axis=1)
+        return forms[:, self.column_group]
 
 
-def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
+class BlockGrouping:
+    """The 2021 method's structure: g equal blocks of inputs and filters, the interleave P with
+    step F/g between K and L (METHOD.md)."""
+
+    def __init__(self, channels, filters, groups):
+        self.channels, self.filters, self.groups = channels, filters, groups
+        step = filters // groups
+        self.perm = interleave_permutation(filters, step) if step > 1 else np.arange(filters)
+
+    def k_mask(self, intercept):
+        return _group_mask(self.channels, self.filters, self.groups, intercept)
+
+    def l_mask(self, intercept):
+        return _group_mask(self.filters, self.filters, self.groups, intercept)
+
+    def kernel(self, theta_core, role):
+        """The stored grouped kernel (1, 1, C/g, F) of a dense (C, F) fitted map."""
+        return block_diagonal(theta_core[None, None], self.groups)
+
+
+class PaddedGrouping:
+    """The 2022 variant's structure (`layers.PaddedGroupedPointwiseConv2D`): filter f reads the
+    input channels `padded_input_index[:, f]`; K's outputs are interleaved with step F // cpg
+    before L (which may not divide F)."""
+
+    def __init__(self, channels, filters, channels_per_group):
+        self.channels, self.filters, self.cpg = channels, filters, channels_per_group
+        step = filters // channels_per_group
+        self.perm = interleave_permutation(filters, step) if step > 1 else np.arange(filters)
+
+    def _mask(self, channels, intercept):
+        index = padded_input_index(channels, self.filters, self.cpg)
+        mask = np.zeros((channels + 1, self.filters))
+        mask[index, np.arange(self.filters)[None, :]] = 1.0
+        mask[-1] = 1.0 if intercept else 0.0
+        return mask
+
+    def k_mask(self, intercept):
+        return self._mask(self.channels, intercept)
+
+    def l_mask(self, intercept):
+        return self._mask(self.filters, intercept)
+
+    def kernel(self, theta_core, role):
+        channels = self.channels if role == "k" else self.filters
+        index = padded_input_index(channels, self.filters, self.cpg)
+        return theta_core[index, np.arange(self.filters)[None, :]][None, None]
+
+
+def layer_weights(theta, gram, grouping, *, use_bias, bn_epsilon, role="k"):
     """(conv weights, batch-norm weights or None) that compute [x, 1] @ theta.
 
     With a batch norm the kernel computes u = x @ theta[:-1]; the batch norm's moving mean and
@@ -304,7 +364,7 @@ def layer_weights(theta, gram, groups, *, use_bias, bn_epsilon):
     beta = mean + intercept, so it returns u + intercept in inference mode and nearly that in
     training mode. Without one the intercept is the conv's bias.
     """
-    kernel = block_diagonal(theta[None, None, :-1], groups).astype("float32")
+    kernel = grouping.kernel(theta[:-1], role).astype("float32")
     filters = theta.shape[1]
     bias = theta[-1].astype("float32")
     if bn_epsilon is None:

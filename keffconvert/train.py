@@ -773,8 +773,6 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         "calibration_samples": int(calibration_samples),
         **({"variant": str(variant)} if str(variant) != "2021" else {}),  # runs from before --variant still resume
     }))
-    if str(variant) == "2022" and mode == "finetune" and str(calibration) != "none":
-        raise UsageConflict("--variant 2022 has no data-aware fit yet; fine-tune it with --calibration none")
     run_dir = WorkerRunDir(out, worker, force)  # only the chief writes `out`; other workers a temporary copy
     out = run_dir.path
     resumed = check_run_dir(out, settings, force)

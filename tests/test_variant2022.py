@@ -11,7 +11,6 @@ from conftest import count, randomize
 
 from keffconvert.cli import cli
 from keffconvert.convert import convert
-from keffconvert.errors import UsageConflict
 from keffconvert.export import FoldReport, inference_model
 from keffconvert.layers import InterleaveChannels, PaddedGroupedPointwiseConv2D
 
@@ -213,12 +212,65 @@ def test_save_load_predict_and_export_agree(varied, tmp_path):
     assert report.batch_norms or report.merges
 
 
-def test_calibration_is_refused_with_a_clear_error():
-    model = varied_cnn()
-    with pytest.raises(UsageConflict, match="variant 2022"):
-        convert(model, CPG, variant="2022", calibration=np.zeros((2, 8, 8, 3), "float32"))
+def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="variant"):
-        convert(model, CPG, variant="2023", dry_run=True)
+        convert(varied_cnn(), CPG, variant="2023", dry_run=True)
+
+
+def _padded_pattern(c, f, cpg):
+    """K-CAI's connections, from kcai_group_conv: filter f of path p, group j reads padded channels
+    j*local .. (j+1)*local - 1 (padded channel q is input channel q mod c); 0/1 of shape (c, f)."""
+    _, paths, _ = kcai_group_conv(c, f, cpg)
+    mask = np.zeros((c, f))
+    column = 0
+    for groups, local, filters in paths:
+        for q in range(filters):
+            j = q // (filters // groups)
+            mask[np.arange(j * local, (j + 1) * local) % c, column] = 1
+            column += 1
+    return mask
+
+
+def _calibration_images(n=48, seed=0):
+    return np.random.default_rng(seed).normal(0, 1, (n, 8, 8, 3)).astype("float32")
+
+
+def test_calibration_fits_a_kernel_already_in_the_padded_pattern_exactly():
+    """A conv whose kernel is zero outside the 2022 connections loses nothing: the fit reproduces it."""
+    model = randomize(varied_cnn(), seed=5)
+    for name in ("expand", "se_reduce", "mix", "project"):
+        layer = model.get_layer(name)
+        weights = layer.get_weights()
+        c, f = weights[0].shape[2:]
+        weights[0] = weights[0] * _padded_pattern(c, f, CPG)[None, None].astype("float32")
+        layer.set_weights(weights)
+    x = _calibration_images()
+    converted, plan = convert(model, CPG, variant="2022", calibration=x)
+    entries = {e.name: e for e in plan.converted}
+    for name in ("expand", "se_reduce", "mix", "project"):
+        assert entries[name].reconstruction_error < 1e-4, (name, entries[name].reconstruction_error)
+    np.testing.assert_allclose(converted.predict(x, verbose=0), model.predict(x, verbose=0), atol=2e-3)
+
+
+def test_calibration_beats_the_padded_slices():
+    model = randomize(varied_cnn(), seed=3)
+    x, held_out = _calibration_images(), _calibration_images(32, seed=1)
+    slices, _ = convert(model, CPG, variant="2022")
+    fitted, plan = convert(model, CPG, variant="2022", calibration=x)
+    for entry in plan.converted:
+        assert entry.reconstruction_error <= entry.slices_error + 1e-9, entry.name
+    assert plan.converted and any(e.reconstruction_error < 0.5 * e.slices_error for e in plan.converted)
+    target = model.predict(held_out, verbose=0)
+    gap = [np.mean((m.predict(held_out, verbose=0) - target) ** 2) for m in (fitted, slices)]
+    assert gap[0] < gap[1], gap
+    assert count(fitted.trainable_weights) == plan.trainable_params_after == recount_kcai(model, CPG)
+    # y = K x + L P K x as built reproduces the fit's own error on the calibration images
+    project = next(e for e in plan.converted if e.name == "project")
+    assert project.second_conv
+    z = keras.Model(model.inputs, model.get_layer("project_bn").output).predict(x, verbose=0)
+    y = keras.Model(fitted.inputs, fitted.get_layer("project_sum").output).predict(x, verbose=0)
+    measured = np.sum((y - z) ** 2) / np.sum((z - z.mean(axis=(0, 1, 2))) ** 2)
+    assert measured == pytest.approx(project.reconstruction_error, rel=0.05, abs=1e-4)
 
 
 def test_cli_variant_option(tmp_path):
@@ -231,5 +283,4 @@ def test_cli_variant_option(tmp_path):
     plan = json.loads(report.read_text())["plan"]
     assert plan["variant"] == "2022"
     assert plan["trainable_params_after"] == recount_kcai(keras.models.load_model(path), CPG)
-    result = CliRunner().invoke(cli, [str(path), "--variant", "2022", "--calibration", "digits"])
-    assert result.exit_code == 2 and "variant 2022" in result.output
+

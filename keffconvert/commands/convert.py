@@ -69,8 +69,6 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
         check_writable(report_path, force)
     if calibration and no_weights:
         raise click.UsageError("--calibration fits the original's weights; it cannot go with --no-weights")
-    if calibration and variant == "2022":
-        raise click.UsageError("--calibration (the data-aware fit) does not handle --variant 2022 yet")
     target = _target_options(target_params, target_reduction, target_method, target_choices)
     source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
     images = None
