@@ -87,7 +87,7 @@ def totals_lines(plan):
     if plan.fidelity:
         f = plan.fidelity
         agree = f.get("top1_agreement")
-        where = "held-out images the fit did not see" if plan.calibration else "images"
+        where = "held-out images the fit did not see" if f.get("held_out") else "images"
         lines.append(f"before training, on {f['samples']} {where}: "
                      + (f"top-1 agreement with the original {100 * agree:.1f}%, " if agree is not None else "")
                      + ("output correlation " + (f"{f['correlation']:.3f}" if f.get("correlation") is not None

@@ -833,7 +833,8 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         from keffconvert.fidelity import agreement
         from keffconvert.model_inputs import scale_pixels
 
-        plan.fidelity = agreement(source, converted, scale_pixels(dataset.sample(("test",), FIDELITY_IMAGES), scale))
+        probe = scale_pixels(dataset.sample(("test",), FIDELITY_IMAGES), scale)
+        plan.fidelity = dict(agreement(source, converted, probe), held_out=True)
         say(f"before training: top-1 agreement with the original {100 * plan.fidelity['top1_agreement']:.1f}% "
             f"on {plan.fidelity['samples']} test images", highlight=False)
     for key, template, label in jobs:

@@ -84,8 +84,11 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
     if new_model is not None and (fidelity_data or images is not None):
         from keffconvert.fidelity import agreement, probe_images
 
-        probe = probe_images(fidelity_data, source) if fidelity_data else images.held_out
-        plan.fidelity = agreement(source, new_model, probe)
+        # the calibration data's own held-out split when the probe is the same data: its first
+        # images (what probe_images reads) may be among those the fit was made on
+        held_out = images is not None and (not fidelity_data or fidelity_data == calibration)
+        probe = images.held_out if held_out else probe_images(fidelity_data, source)
+        plan.fidelity = dict(agreement(source, new_model, probe), held_out=held_out)
     print_plan(plan, skipped=not quiet)
     wrote = None
     if not plan.converted and plan.target:
