@@ -75,10 +75,7 @@ class _Walker:
         graph = Graph(view)
         orig = {id(t): v for t, v in zip(keras.tree.flatten(view.inputs), orig_inputs)}
         conv = {id(t): v for t, v in zip(keras.tree.flatten(view.inputs), conv_inputs)}
-        pending = {}
-        for node in graph.nodes:
-            for tensor in node.input_tensors:
-                pending[id(tensor)] = pending.get(id(tensor), 0) + 1
+        pending = graph.input_uses()
         keep = {id(t) for t in keras.tree.flatten(view.outputs)}
         if self.regroup:
             self.regions.update(find_regions(graph, self.analysis))
@@ -98,8 +95,8 @@ class _Walker:
                     conv[id(chain.layers[-1].output)] = self._fit(chain, x_conv, x_orig, prefix)
                 elif not self.analysis.is_absorbed(layer):
                     clone = self.clones.get(id(layer), layer)
-                    conv.update(zip((id(t) for t in node.outputs), self._call(clone, node, conv)))
-                orig.update(zip((id(t) for t in node.outputs), self._call(layer, node, orig)))
+                    conv.update(zip((id(t) for t in node.outputs), call_in_batches(clone, node, conv, self.batch_size)))
+                orig.update(zip((id(t) for t in node.outputs), call_in_batches(layer, node, orig, self.batch_size)))
             for tensor in node.input_tensors:
                 pending[id(tensor)] -= 1
                 if pending[id(tensor)] == 0 and id(tensor) not in keep:
@@ -107,21 +104,6 @@ class _Walker:
                     conv.pop(id(tensor), None)
         outputs = keras.tree.flatten(view.outputs)
         return [orig[id(t)] for t in outputs], [conv[id(t)] for t in outputs]
-
-    def _call(self, layer, node, values):
-        """`layer` on the values of `node`'s inputs, `batch_size` images at a time."""
-        args, kwargs = node.arguments.fill_in(values)
-        n = values[id(node.input_tensors[0])].shape[0]
-        if n <= self.batch_size:
-            return keras.tree.flatten(layer(*args, **kwargs))
-        chunks = []
-        for start in range(0, n, self.batch_size):
-            def cut(v, start=start):
-                return v[start:start + self.batch_size] if _is_batch(v, n) else v
-
-            out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
-            chunks.append(keras.tree.flatten(out))
-        return [keras.ops.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
     def _fit(self, chain, x_conv, x_orig, prefix):
         """Fit one chain's replacement and return its output on the converted network's values."""
@@ -191,6 +173,23 @@ def _grouping(chain):
     if _is_padded(chain):
         return PaddedGrouping(entry.in_channels, entry.filters, chain.new_layer("k").channels_per_group)
     return BlockGrouping(entry.in_channels, entry.filters, entry.groups)
+
+
+def call_in_batches(layer, node, values, batch_size):
+    """`layer` on the values ({id(tensor): backend tensor}) of `node`'s inputs, `batch_size`
+    images at a time; the outputs as backend tensors."""
+    args, kwargs = node.arguments.fill_in(values)
+    n = values[id(node.input_tensors[0])].shape[0]
+    if n <= batch_size:
+        return keras.tree.flatten(layer(*args, **kwargs))
+    chunks = []
+    for start in range(0, n, batch_size):
+        def cut(v, start=start):
+            return v[start:start + batch_size] if _is_batch(v, n) else v
+
+        out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
+        chunks.append(keras.tree.flatten(out))
+    return [keras.ops.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
 
 def _is_batch(value, n):

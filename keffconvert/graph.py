@@ -101,6 +101,11 @@ class Graph:
             return None
         return self.only_consumer(node.outputs[0])
 
+    def input_uses(self):
+        """{id(tensor): how many node inputs take it}: a walk that drops a value after its last use
+        counts down from here."""
+        return {key: sum(node is not None for node in nodes) for key, nodes in self._consumers.items()}
+
     def feeds_only(self, node, consumer):
         """Whether `node`'s single output goes to `consumer` and nowhere else."""
         return consumer is not None and self.sole_consumer(node) is consumer

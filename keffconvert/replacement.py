@@ -88,39 +88,35 @@ def describe(conv, bn, act, in_channels, groups):
     filters = conv.filters
     step = filters // groups
     grouped = dict(in_channels=in_channels, filters=filters, groups=groups)
-    layers = [NewLayer("k", f"{conv.name}_k", conv, **grouped)]
-    if bn is not None:
-        layers.append(NewLayer("k_bn", bn.name, bn, filters=filters))
-    if act is not None:
-        layers.append(NewLayer("k_act", act.name, act))
-    if step > 1:
-        layers.append(NewLayer("interleave", f"{conv.name}_interleave", None, step=step))
-    if in_channels >= filters:
-        layers.append(NewLayer("l", f"{conv.name}_l", conv, **dict(grouped, in_channels=filters)))
-        if bn is not None:
-            layers.append(NewLayer("l_bn", f"{bn.name}_l", bn, filters=filters))
-        if act is not None:
-            layers.append(NewLayer("l_act", f"{act.name}_l", act))
-        layers.append(NewLayer("sum", f"{conv.name}_sum", None))
-    return layers
+    second = dict(grouped, in_channels=filters) if in_channels >= filters else None
+    return _chain_layers(conv, bn, act, grouped, step if step > 1 else None, second)
 
 
 def describe_padded(conv, bn, act, in_channels, decision, cpg):
     """The new layers of the 2022 variant (`keffconvert.variant2022`), in call order: the roles
     of `describe`, K and L being PaddedGroupedPointwiseConv2D layers."""
     filters = conv.filters
-    layers = [NewLayer("k", f"{conv.name}_k", conv, in_channels=in_channels, filters=filters,
-                       groups=decision.groups, channels_per_group=cpg)]
+    k = dict(in_channels=in_channels, filters=filters, groups=decision.groups, channels_per_group=cpg)
+    l = dict(in_channels=filters, filters=filters, groups=decision.second_groups, channels_per_group=cpg)
+    if not decision.second_conv:  # no L: no interleave either (K-CAI), unlike 2021's expansions
+        return _chain_layers(conv, bn, act, k, None, None)
+    return _chain_layers(conv, bn, act, k, decision.step, l)
+
+
+def _chain_layers(conv, bn, act, k, step, l):
+    """K [-> B] [-> A] [-> interleave with `step`], then, when `l` (L's settings) is given,
+    L [-> B''] [-> A''] and the sum: the roles both variants share."""
+    filters = conv.filters
+    layers = [NewLayer("k", f"{conv.name}_k", conv, **k)]
     if bn is not None:
         layers.append(NewLayer("k_bn", bn.name, bn, filters=filters))
     if act is not None:
         layers.append(NewLayer("k_act", act.name, act))
-    if not decision.second_conv:
+    if step:
+        layers.append(NewLayer("interleave", f"{conv.name}_interleave", None, step=step))
+    if l is None:
         return layers
-    if decision.step:
-        layers.append(NewLayer("interleave", f"{conv.name}_interleave", None, step=decision.step))
-    layers.append(NewLayer("l", f"{conv.name}_l", conv, in_channels=filters, filters=filters,
-                           groups=decision.second_groups, channels_per_group=cpg))
+    layers.append(NewLayer("l", f"{conv.name}_l", conv, **l))
     if bn is not None:
         layers.append(NewLayer("l_bn", f"{bn.name}_l", bn, filters=filters))
     if act is not None:

@@ -238,6 +238,7 @@ def held_out_error(theta, target, stats):
 def input_statistics(analysis, images, batch_size=64):
     """{id(conv): (ChainStats of the even images, of the odd images)}: every chain's input in the
     original network, from one walk over `images`."""
+    from keffconvert.calibrate import call_in_batches
     from keffconvert.graph import Graph, functional_view, is_graph_model
 
     stats = {}
@@ -247,10 +248,7 @@ def input_statistics(analysis, images, batch_size=64):
         view = functional_view(model)
         graph = Graph(view)
         values = {id(t): v for t, v in zip(keras.tree.flatten(view.inputs), inputs)}
-        pending = {}
-        for node in graph.nodes:
-            for tensor in node.input_tensors:
-                pending[id(tensor)] = pending.get(id(tensor), 0) + 1
+        pending = graph.input_uses()
         keep = {id(t) for t in keras.tree.flatten(view.outputs)}
         for node in graph.nodes:
             layer = node.operation
@@ -259,9 +257,9 @@ def input_statistics(analysis, images, batch_size=64):
             else:
                 chain = analysis.chain_of(layer)
                 if chain is not None:
-                    x = values[id(node.input_tensors[0])]
+                    x = keras.ops.convert_to_numpy(values[id(node.input_tensors[0])])
                     stats[id(layer)] = tuple(_statistics(x[half::2], chain.entry.in_channels, rng) for half in (0, 1))
-                outputs = _call(layer, node, values, batch_size)
+                outputs = call_in_batches(layer, node, values, batch_size)
             values.update(zip((id(t) for t in node.outputs), outputs))
             for tensor in node.input_tensors:
                 pending[id(tensor)] -= 1
@@ -269,7 +267,7 @@ def input_statistics(analysis, images, batch_size=64):
                     values.pop(id(tensor), None)
         return [values[id(t)] for t in keras.tree.flatten(view.outputs)]
 
-    run_level(analysis.model, [np.asarray(images, "float32")])
+    run_level(analysis.model, [keras.ops.convert_to_tensor(np.asarray(images, "float32"))])
     return stats
 
 
@@ -284,20 +282,6 @@ def _statistics(x, channels, rng):
     rows = np.concatenate([rows, np.ones((len(rows), 1), rows.dtype)], axis=1).astype("float64")
     stats.conv = stats.cross = stats.orig = rows.T @ rows
     return stats
-
-
-def _call(layer, node, values, batch_size):
-    """`layer` on the values of `node`'s inputs, `batch_size` images at a time; numpy outputs."""
-    args, kwargs = node.arguments.fill_in(values)
-    n = len(values[id(node.input_tensors[0])])
-    chunks = []
-    for start in range(0, n, batch_size):
-        def cut(v, start=start):
-            return v[start:start + batch_size] if isinstance(v, np.ndarray) and len(v) == n else v
-
-        out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
-        chunks.append([keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(out)])
-    return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
 def _positions(entry, groups):
