@@ -9,7 +9,9 @@ in the original are accumulated, the replacement is fitted (`keffconvert.fit`), 
 with the fitted weights is what the converted network carries on. So the whole fit costs about
 two forward passes of the calibration set, plus a small least-squares problem per chain. Values
 are dropped as soon as their last consumer has run, and stay backend tensors throughout (no
-copies to numpy and back between layers; only the chains' second moments come to numpy).
+copies to numpy and back between layers; only the chains' second moments come to numpy). Each
+value is a list of batches (`split`) that layers are called on one by one: never cut from, nor
+joined into, one tensor of all images, which at 224x224 cost a copy of every activation twice.
 """
 
 import time
@@ -48,15 +50,14 @@ def calibrate(analysis, replacements, clones, images, *, batch_size=64, rounds=3
         calibration images, for the fitted replacement and for the plain block-diagonal slices.
     """
     start = time.time()
-    walker = _Walker(analysis, replacements, clones, batch_size, rounds, regroup, progress)
-    x = keras.ops.convert_to_tensor(np.asarray(images, "float32"))
-    model = analysis.model
-    walker.run_level(model, [x], [x], prefix="")
-    return {"samples": int(x.shape[0]), "time_s": round(time.time() - start, 3), "layers": walker.results}
+    walker = _Walker(analysis, replacements, clones, rounds, regroup, progress)
+    x = split(images, batch_size)
+    walker.run_level(analysis.model, [x], [x], prefix="")
+    return {"samples": len(images), "time_s": round(time.time() - start, 3), "layers": walker.results}
 
 
 class _Walker:
-    def __init__(self, analysis, replacements, clones, batch_size, rounds, regroup, progress):
+    def __init__(self, analysis, replacements, clones, rounds, regroup, progress):
         self.analysis = analysis
         self.replacements = replacements
         self.clones = clones
@@ -64,7 +65,6 @@ class _Walker:
         self.regroup = regroup and not any(_is_padded(chain) for chain in analysis.chains.values())
         self.regions = {}  # id(conv) -> Region, for the level being walked
         self.orders = {}  # id(Region) -> channel order chosen at its first chain
-        self.batch_size = batch_size
         self.rounds = rounds
         self.progress = progress
         self.results = {}
@@ -95,8 +95,8 @@ class _Walker:
                     conv[id(chain.layers[-1].output)] = self._fit(chain, x_conv, x_orig, prefix)
                 elif not self.analysis.is_absorbed(layer):
                     clone = self.clones.get(id(layer), layer)
-                    conv.update(zip((id(t) for t in node.outputs), call_in_batches(clone, node, conv, self.batch_size)))
-                orig.update(zip((id(t) for t in node.outputs), call_in_batches(layer, node, orig, self.batch_size)))
+                    conv.update(zip((id(t) for t in node.outputs), call_in_batches(clone, node, conv)))
+                orig.update(zip((id(t) for t in node.outputs), call_in_batches(layer, node, orig)))
             for tensor in node.input_tensors:
                 pending[id(tensor)] -= 1
                 if pending[id(tensor)] == 0 and id(tensor) not in keep:
@@ -110,8 +110,7 @@ class _Walker:
         started = time.time()
         entry = chain.entry
         replacement = self.replacements[id(chain.conv)]
-        stats = _chain_stats(x_conv, x_orig, entry.in_channels, self.batch_size,
-                             np.random.default_rng(len(self.results)))
+        stats = _chain_stats(x_conv, x_orig, entry.in_channels, np.random.default_rng(len(self.results)))
         linear = chain.act is None and chain.conv.activation is keras.activations.linear
         intercept = chain.bn is not None or chain.conv.use_bias
         target = folded_map(chain.conv, chain.bn)
@@ -144,9 +143,7 @@ class _Walker:
                               "fit_time_s": round(time.time() - started, 3)}
         if self.progress is not None:
             self.progress(name, fit.relative_error)
-        n = x_conv.shape[0]
-        return keras.ops.concatenate([replacement(x_conv[s:s + self.batch_size])
-                                      for s in range(0, n, self.batch_size)], axis=0)
+        return [replacement(batch) for batch in x_conv]
 
     def _channel_order(self, chain, stats, target, options):
         """The order of the chain's output channels in the converted model (identity outside a
@@ -175,43 +172,41 @@ def _grouping(chain):
     return BlockGrouping(entry.in_channels, entry.filters, entry.groups)
 
 
-def call_in_batches(layer, node, values, batch_size):
-    """`layer` on the values ({id(tensor): backend tensor}) of `node`'s inputs, `batch_size`
-    images at a time; the outputs as backend tensors."""
-    args, kwargs = node.arguments.fill_in(values)
-    n = values[id(node.input_tensors[0])].shape[0]
-    if n <= batch_size:
-        return keras.tree.flatten(layer(*args, **kwargs))
-    chunks = []
-    for start in range(0, n, batch_size):
-        def cut(v, start=start):
-            return v[start:start + batch_size] if _is_batch(v, n) else v
-
-        out = layer(*keras.tree.map_structure(cut, args), **keras.tree.map_structure(cut, kwargs))
-        chunks.append(keras.tree.flatten(out))
-    return [keras.ops.concatenate(parts, axis=0) for parts in zip(*chunks)]
+def split(images, batch_size):
+    """`images` as a list of backend tensors of `batch_size` images each (the walks' values)."""
+    images = np.asarray(images, "float32")
+    return [keras.ops.convert_to_tensor(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]
 
 
-def _is_batch(value, n):
-    return keras.ops.is_tensor(value) and len(value.shape) > 0 and value.shape[0] == n
+def call_in_batches(layer, node, values):
+    """`layer` on the values ({id(tensor): list of batches}) of `node`'s inputs, batch by batch;
+    per output of the node, its list of batches."""
+    batches = len(values[id(node.input_tensors[0])])
+    outputs = []
+    for i in range(batches):
+        args, kwargs = node.arguments.fill_in({key: value[i] for key, value in values.items()})
+        outputs.append(keras.tree.flatten(layer(*args, **kwargs)))
+    return [list(parts) for parts in zip(*outputs)]
 
 
-def _chain_stats(x_conv, x_orig, channels, batch_size, rng):
-    """`ChainStats` of a chain's inputs in both networks; above MAX_PIXELS pixels, of a seeded
-    random subset. The products run on the backend (multithreaded, no copy to numpy)."""
+def _chain_stats(x_conv, x_orig, channels, rng):
+    """`ChainStats` of a chain's inputs (lists of batches) in both networks; above MAX_PIXELS
+    pixels, of a seeded random subset. The products run on the backend (multithreaded, no copy
+    to numpy)."""
     ops = keras.ops
-    n = x_conv.shape[0]
-    pixels = int(np.prod(x_conv.shape[1:-1]))
+    n = sum(batch.shape[0] for batch in x_conv)
+    pixels = int(np.prod(x_conv[0].shape[1:-1]))
     keep = min(1.0, MAX_PIXELS / max(1, pixels * n))
     stats = ChainStats(channels)
-    for start in range(0, n, batch_size):
-        xc = ops.reshape(x_conv[start:start + batch_size], (-1, channels))
-        xo = ops.reshape(x_orig[start:start + batch_size], (-1, channels))
+    for batch_conv, batch_orig in zip(x_conv, x_orig):
+        xc = ops.reshape(batch_conv, (-1, channels))
+        xo = ops.reshape(batch_orig, (-1, channels))
         if keep < 1.0:
             rows = np.flatnonzero(rng.random(xc.shape[0]) < keep)
             xc, xo = ops.take(xc, rows, axis=0), ops.take(xo, rows, axis=0)
-        both = ops.concatenate([xc, xo], axis=1)
-        products = ops.convert_to_numpy(ops.matmul(ops.transpose(both), both)).astype("float64")
-        sums = ops.convert_to_numpy(ops.sum(both, axis=0)).astype("float64")
-        stats.add_moments(products, sums, int(xc.shape[0]))
+        # xc^T [xc, xo] and xo^T xo: the three blocks the fit reads (xo^T xc is the cross's transpose)
+        left = ops.matmul(ops.transpose(xc), ops.concatenate([xc, xo], axis=1))
+        moments = [ops.convert_to_numpy(m).astype("float64") for m in
+                   (left, ops.matmul(ops.transpose(xo), xo), ops.sum(xc, axis=0), ops.sum(xo, axis=0))]
+        stats.add_moments(moments[0][:, :channels], moments[0][:, channels:], *moments[1:], int(xc.shape[0]))
     return stats

@@ -64,14 +64,15 @@ class ChainStats:
         self.cross += (xc.T @ xo).astype("float64")
         self.orig += (xo.T @ xo).astype("float64")
 
-    def add_moments(self, products, sums, count):
-        """Add rows given by their moments: `products` = [xc, xo]^T [xc, xo], `sums` its column sums."""
+    def add_moments(self, conv, cross, orig, sum_conv, sum_orig, count):
+        """Add `count` rows given by their moments: xc^T xc, xc^T xo, xo^T xo and the column sums."""
         c = self.conv.shape[0] - 1
-        for target, rows, cols in ((self.conv, slice(0, c), slice(0, c)), (self.cross, slice(0, c), slice(c, 2 * c)),
-                                   (self.orig, slice(c, 2 * c), slice(c, 2 * c))):
-            target[:c, :c] += products[rows, cols]
-            target[:c, c] += sums[rows]
-            target[c, :c] += sums[cols]
+        for target, product, left, right in ((self.conv, conv, sum_conv, sum_conv),
+                                             (self.cross, cross, sum_conv, sum_orig),
+                                             (self.orig, orig, sum_orig, sum_orig)):
+            target[:c, :c] += product
+            target[:c, c] += left
+            target[c, :c] += right
             target[c, c] += count
 
     @property

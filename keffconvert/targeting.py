@@ -238,7 +238,7 @@ def held_out_error(theta, target, stats):
 def input_statistics(analysis, images, batch_size=64):
     """{id(conv): (ChainStats of the even images, of the odd images)}: every chain's input in the
     original network, from one walk over `images`."""
-    from keffconvert.calibrate import call_in_batches
+    from keffconvert.calibrate import call_in_batches, split
     from keffconvert.graph import Graph, functional_view, is_graph_model
 
     stats = {}
@@ -257,9 +257,9 @@ def input_statistics(analysis, images, batch_size=64):
             else:
                 chain = analysis.chain_of(layer)
                 if chain is not None:
-                    x = keras.ops.convert_to_numpy(values[id(node.input_tensors[0])])
+                    x = np.concatenate([keras.ops.convert_to_numpy(b) for b in values[id(node.input_tensors[0])]])
                     stats[id(layer)] = tuple(_statistics(x[half::2], chain.entry.in_channels, rng) for half in (0, 1))
-                outputs = call_in_batches(layer, node, values, batch_size)
+                outputs = call_in_batches(layer, node, values)
             values.update(zip((id(t) for t in node.outputs), outputs))
             for tensor in node.input_tensors:
                 pending[id(tensor)] -= 1
@@ -267,7 +267,7 @@ def input_statistics(analysis, images, batch_size=64):
                     values.pop(id(tensor), None)
         return [values[id(t)] for t in keras.tree.flatten(view.outputs)]
 
-    run_level(analysis.model, [keras.ops.convert_to_tensor(np.asarray(images, "float32"))])
+    run_level(analysis.model, [split(images, batch_size)])
     return stats
 
 
