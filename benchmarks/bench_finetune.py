@@ -219,7 +219,7 @@ def main():
                                   args.bn_momentum)
     record = {"model": args.model, "original": describe_original(args),
               "original_train_s": round(time.time() - start, 1), "epochs": args.epochs, "arms": []}
-    for arm in args.arms.split(","):
+    for arm in [a for a in args.arms.split(",") if a]:  # --arms "": only --time-224
         result = run_arm(arm, original, args.epochs, workdir)
         record["arms"].append(result)
         print(json.dumps(result), flush=True)

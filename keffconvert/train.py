@@ -39,8 +39,8 @@ import numpy as np
 from keras import ops
 
 from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
-from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, BatchNormRecalibration, ChanceWarning, TestEveryEpoch,
-                                  freeze_batch_norms)
+from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, BatchNormRecalibration, ChanceWarning, LinearWarmUp,
+                                  TestEveryEpoch, freeze_batch_norms)
 from keffconvert.keras_compat import producing_layer, set_initial_epoch
 from keffconvert.loading import MODEL_SUFFIXES, is_model_path
 from keffconvert.model_info import count_params, input_shape, leaf_layers
@@ -76,6 +76,7 @@ class Recipe:
     batch_size: int = 64
     lr: float = 0.003
     lr_decay: float = 0.99
+    warmup_epochs: float = 0.0  # the learning rate ramps up linearly over this many epochs' steps
     optimizer: str = "rmsprop"
     seed: int = 0
     val_split: float = 0.1
@@ -109,6 +110,8 @@ class Recipe:
             problems.append(f"batch size must be at least 1 (got {self.batch_size})")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             problems.append(f"steps per epoch must be at least 1 (got {self.steps_per_epoch})")
+        if self.warmup_epochs < 0:
+            problems.append(f"warm-up epochs must be at least 0 (got {self.warmup_epochs})")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
             problems.append(f"need lr > 0 and 0 < lr-decay <= 1 (got {self.lr}, {self.lr_decay})")
         if self.optimizer not in OPTIMIZERS:
@@ -129,7 +132,9 @@ class Recipe:
     def describe(self):
         text = (f"{self.optimizer} lr {self.lr:g} * {self.lr_decay:g}**epoch, batch {self.batch_size}, "
                 f"{self.epochs} epochs"
-                + (f" of {self.steps_per_epoch} steps" if self.steps_per_epoch else "") + f", seed {self.seed}, ")
+                + (f" of {self.steps_per_epoch} steps" if self.steps_per_epoch else "")
+                + (f", linear warm-up over {self.warmup_epochs:g} epochs" if self.warmup_epochs else "")
+                + f", seed {self.seed}, ")
         if self.augment:
             parts = [f"shift {self.shift:g}" if self.shift else "", f"zoom {self.zoom:g}" if self.zoom else "",
                      "horizontal flip" if self.flip else ""]
@@ -992,6 +997,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
     chance = ChanceWarning(num_classes or 2, say)
     callbacks = [
         keras.callbacks.LearningRateScheduler(recipe.learning_rate),
+        *([LinearWarmUp(recipe.learning_rate, max(1, round(recipe.warmup_epochs * steps)))]
+          if recipe.warmup_epochs else []),
         *([BatchNormRecalibration(net, recalibration_images)] if recalibration_images is not None else []),
         *([TestEveryEpoch(net, pipelines["test"])] if recipe.track_test else []),
         chance,

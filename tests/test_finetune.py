@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from test_train import tiny_model
 
 from keffconvert.cli import cli
-from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, freeze_batch_norms,
+from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, LinearWarmUp, freeze_batch_norms,
                                   recalibrate_batch_norms)
 from keffconvert.train import Recipe, recipe_from_options, train
 
@@ -21,6 +21,53 @@ def test_finetune_defaults_replace_the_papers_recipe_unless_given():
         assert getattr(finetune, key) == value
     assert recipe_from_options("finetune", lr=0.01, epochs=None).lr == 0.01
     assert recipe_from_options("finetune", epochs=None).epochs == FINETUNE_DEFAULTS["epochs"]
+
+
+class _SeenRates(keras.callbacks.Callback):
+    """The learning rate each batch ran with (after every other callback set it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_warm_up_ramps_linearly_to_each_epochs_rate_and_continues_after_a_resume():
+    recipe = Recipe(lr=0.01, lr_decay=0.5, warmup_epochs=1.5)
+    x = np.zeros((8, 2), "float32")
+    y = np.zeros((8, 1), "float32")
+
+    def compiled():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(), "mse")
+        return model
+
+    def fit(epochs, model, initial_epoch=0):
+        seen = _SeenRates()
+        model.fit(x, y, batch_size=2, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+                  callbacks=[keras.callbacks.LearningRateScheduler(recipe.learning_rate),
+                             LinearWarmUp(recipe.learning_rate, steps=6), seen])
+        return model, seen.rates
+
+    _, rates = fit(3, compiled())  # 4 steps an epoch: 6 warm-up steps end in epoch 2
+    expected = [0.01 * k / 6 for k in (1, 2, 3, 4)] + [0.005 * k / 6 for k in (5, 6)] + [0.005] * 2 + [0.0025] * 4
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    # a run that stopped after epoch 1 (4 steps done) goes on with step 5 of the ramp
+    resumed = compiled()
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.optimizer.iterations.assign(4)
+    _, rates = fit(2, resumed, initial_epoch=1)
+    np.testing.assert_allclose(rates, expected[4:8], rtol=1e-6)
+
+
+def test_warm_up_is_a_finetune_default_and_in_the_recipe_text():
+    assert recipe_from_options("finetune").warmup_epochs == FINETUNE_DEFAULTS["warmup_epochs"] > 0
+    assert recipe_from_options("scratch").warmup_epochs == 0
+    assert "linear warm-up over 1 epochs" in Recipe(warmup_epochs=1).describe()
+    with pytest.raises(Exception, match="warm-up epochs must be at least 0"):
+        Recipe(warmup_epochs=-1).validate("finetune")
 
 
 def bn_model():
