@@ -62,9 +62,9 @@ def test_warm_up_ramps_linearly_to_each_epochs_rate_and_continues_after_a_resume
     np.testing.assert_allclose(rates, expected[4:8], rtol=1e-6)
 
 
-def test_warm_up_is_a_finetune_default_and_in_the_recipe_text():
-    assert recipe_from_options("finetune").warmup_epochs == FINETUNE_DEFAULTS["warmup_epochs"] > 0
-    assert recipe_from_options("scratch").warmup_epochs == 0
+def test_warm_up_is_asked_for_and_named_in_the_recipe_text():
+    assert recipe_from_options("finetune").warmup_epochs == recipe_from_options("scratch").warmup_epochs == 0
+    assert recipe_from_options("finetune", warmup_epochs=0.5).warmup_epochs == 0.5
     assert "linear warm-up over 1 epochs" in Recipe(warmup_epochs=1).describe()
     with pytest.raises(Exception, match="warm-up epochs must be at least 0"):
         Recipe(warmup_epochs=-1).validate("finetune")

@@ -35,11 +35,11 @@ TRAINING_OPTIONS = [
                  help="Batches per epoch, over an endless shuffled stream (as Model.fit): short epochs over big data. "
                       "Default: one pass over the training split."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="Learning rate of epoch 0. Default: 0.003 (the paper's); finetune: 3e-4."),
+                 help="Learning rate of epoch 0. Default: 0.003 (the paper's); finetune: 1e-4."),
     click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="Learning rate of epoch e is lr * lr-decay**e. Default: 0.99; finetune: 1."),
     click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None, metavar="E",
-                 help="Ramp the learning rate up linearly over the first E epochs' steps. Default: 0; finetune: 1."),
+                 help="Ramp the learning rate up linearly over the first E epochs' steps. Default: 0."),
     click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd"]), default=None,
                  help="Default: rmsprop (the paper's); finetune: adam."),
     click.option("--seed", type=int, default=0, help="Seeds initialisation, shuffling, augmentation and the splits."),
