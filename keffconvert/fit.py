@@ -57,13 +57,6 @@ class ChainStats:
         self.cross = np.zeros((size, size))  # sum of xc^T xo
         self.orig = np.zeros((size, size))  # sum of xo^T xo
 
-    def add(self, x_conv, x_orig):
-        xc = _with_ones(x_conv)
-        xo = _with_ones(x_orig)
-        self.conv += (xc.T @ xc).astype("float64")
-        self.cross += (xc.T @ xo).astype("float64")
-        self.orig += (xo.T @ xo).astype("float64")
-
     def add_moments(self, conv, cross, orig, sum_conv, sum_orig, count):
         """Add `count` rows given by their moments: xc^T xc, xc^T xo, xo^T xo and the column sums."""
         c = self.conv.shape[0] - 1
@@ -78,11 +71,6 @@ class ChainStats:
     @property
     def count(self):
         return self.conv[-1, -1]
-
-
-def _with_ones(x):
-    x = np.asarray(x, "float32").reshape(-1, x.shape[-1])
-    return np.concatenate([x, np.ones((len(x), 1), "float32")], axis=1)
 
 
 @dataclass
