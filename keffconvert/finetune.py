@@ -92,6 +92,21 @@ class LinearWarmUp(keras.callbacks.Callback):
             self.model.optimizer.learning_rate = self.schedule(self.epoch) * min(1.0, (step + 1) / self.steps)
 
 
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' SwapEMAWeights(swap_on_epoch=True), made to survive a resume.
+
+    Every evaluation, and every callback after it in an epoch's end (checkpoints, the backup),
+    sees the optimizer's moving average of the weights (Polyak averaging): a few dozen noisy steps
+    from a fitted start average out instead of showing as a dip. Each epoch therefore ends, and is
+    backed up, with the average in the model and the trained weights in the optimizer's average
+    slots; a run restored from such a backup (`resumed`) starts in that state, so its first
+    epoch swaps back before training as an uninterrupted run does."""
+
+    def __init__(self, resumed=False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = bool(resumed)
+
+
 class TestEveryEpoch(keras.callbacks.Callback):
     """Adds `test_accuracy` (of the model as it is after the epoch) to the epoch's logs, for curves."""
 

@@ -39,8 +39,8 @@ import numpy as np
 from keras import ops
 
 from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
-from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, BatchNormRecalibration, ChanceWarning, LinearWarmUp,
-                                  TestEveryEpoch, freeze_batch_norms)
+from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, AveragedWeights, BatchNormRecalibration,
+                                  ChanceWarning, LinearWarmUp, TestEveryEpoch, freeze_batch_norms)
 from keffconvert.keras_compat import producing_layer, set_initial_epoch
 from keffconvert.loading import MODEL_SUFFIXES, is_model_path
 from keffconvert.model_info import count_params, input_shape, leaf_layers
@@ -77,8 +77,13 @@ class Recipe:
     lr: float = 0.003
     lr_decay: float = 0.99
     warmup_epochs: float = 0.0  # the learning rate ramps up linearly over this many epochs' steps
+    ema: float = 0.0  # > 0: evaluate and keep an average of the weights with this momentum per step
     optimizer: str = "rmsprop"
     seed: int = 0
+    # The validation and test hold-outs' seed (None: `seed`). Fixed while `seed` varies, repeated
+    # runs differ only in initialisation, shuffling and augmentation, and a fine-tuned model is
+    # tested on the images its original was tested on (never on ones it was trained on).
+    split_seed: int | None = None
     val_split: float = 0.1
     test_split: float = 0.2
     augment: bool = True
@@ -112,6 +117,8 @@ class Recipe:
             problems.append(f"steps per epoch must be at least 1 (got {self.steps_per_epoch})")
         if self.warmup_epochs < 0:
             problems.append(f"warm-up epochs must be at least 0 (got {self.warmup_epochs})")
+        if not 0 <= self.ema < 1:
+            problems.append(f"need 0 <= ema < 1 (got {self.ema})")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
             problems.append(f"need lr > 0 and 0 < lr-decay <= 1 (got {self.lr}, {self.lr_decay})")
         if self.optimizer not in OPTIMIZERS:
@@ -134,7 +141,9 @@ class Recipe:
                 f"{self.epochs} epochs"
                 + (f" of {self.steps_per_epoch} steps" if self.steps_per_epoch else "")
                 + (f", linear warm-up over {self.warmup_epochs:g} epochs" if self.warmup_epochs else "")
-                + f", seed {self.seed}, ")
+                + (f", weights averaged (EMA momentum {self.ema:g})" if self.ema else "")
+                + f", seed {self.seed}"
+                + (f", split seed {self.split_seed}" if self.split_seed is not None else "") + ", ")
         if self.augment:
             parts = [f"shift {self.shift:g}" if self.shift else "", f"zoom {self.zoom:g}" if self.zoom else "",
                      "horizontal flip" if self.flip else ""]
@@ -274,14 +283,17 @@ class Distiller(keras.Model):
 
 
 def make_optimizer(recipe):
-    lr = recipe.learning_rate(0)
+    """The recipe's optimizer; with `recipe.ema` it also keeps the weights' moving average."""
+    options = dict(learning_rate=recipe.learning_rate(0))
+    if recipe.ema:
+        options.update(use_ema=True, ema_momentum=recipe.ema)
     if recipe.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=lr)
+        return keras.optimizers.RMSprop(**options)
     if recipe.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.Adam(**options)
     if recipe.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+        return keras.optimizers.AdamW(**options)
+    return keras.optimizers.SGD(momentum=0.9, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +633,8 @@ def check_run_dir(out, settings, force):
     except (ValueError, KeyError, OSError) as error:
         raise OutputError(f"{run_file} is unreadable ({error}); pass --force to start over") from error
     progress = any((out / name / "history.json").exists() for name in MODEL_DIRS)
+    if isinstance(previous.get("recipe"), dict):  # a recipe field added since: its default is what that run did
+        previous["recipe"] = {**asdict(Recipe()), **previous["recipe"]}
     if previous != settings and progress:
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise OutputError(f"{out} holds an unfinished run with other settings ({', '.join(changed)}); "
@@ -693,7 +707,8 @@ def load_model_and_data(model, data, *, image_size, recipe, unsafe):
     """
     from keffconvert.data import open_data as load_dataset
 
-    split = dict(val_split=recipe.val_split, test_split=recipe.test_split, seed=recipe.seed)
+    split = dict(val_split=recipe.val_split, test_split=recipe.test_split,
+                 seed=recipe.seed if recipe.split_seed is None else recipe.split_seed)
     if recipe.image_key != "image/encoded" or recipe.label_key != "image/class/label":
         split.update(image_key=recipe.image_key, label_key=recipe.label_key)
     if isinstance(model, str) and not is_model_path(model):
@@ -999,6 +1014,8 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         keras.callbacks.LearningRateScheduler(recipe.learning_rate),
         *([LinearWarmUp(recipe.learning_rate, max(1, round(recipe.warmup_epochs * steps)))]
           if recipe.warmup_epochs else []),
+        # before every callback that evaluates or saves the model: they see the averaged weights
+        *([AveragedWeights(resumed=finished > 0)] if recipe.ema else []),
         *([BatchNormRecalibration(net, recalibration_images)] if recalibration_images is not None else []),
         *([TestEveryEpoch(net, pipelines["test"])] if recipe.track_test else []),
         chance,

@@ -70,6 +70,71 @@ def test_warm_up_is_asked_for_and_named_in_the_recipe_text():
         Recipe(warmup_epochs=-1).validate("finetune")
 
 
+def test_split_seed_keeps_the_test_images_while_the_seed_varies():
+    from keffconvert.train import load_model_and_data
+
+    def test_images(**seeds):
+        _, data = load_model_and_data(tiny_model(), "digits", image_size=None, recipe=Recipe(**seeds), unsafe=False)
+        return data.x_test, data.x_val
+
+    original_split = test_images(seed=0)
+    for x, y in zip(test_images(seed=3, split_seed=0), original_split):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(test_images(seed=3)[0], original_split[0]), "without it, --seed moves the split"
+    assert "seed 3, split seed 0" in Recipe(seed=3, split_seed=0).describe()
+    assert "split seed" not in Recipe(seed=3).describe()
+
+
+def test_averaged_weights_are_what_is_evaluated_and_a_resume_continues_the_average(tmp_path):
+    from keffconvert.finetune import AveragedWeights
+    from keffconvert.train import AtomicBackupAndRestore
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+
+    class Seen(keras.callbacks.Callback):  # the weights each epoch's end hands to later callbacks
+        def __init__(self):
+            super().__init__()
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights.append(self.model.get_weights()[0].copy())
+
+    def model():
+        keras.utils.set_random_seed(1)
+        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        net.compile(keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5), "mse")
+        return net
+
+    def fit(net, epochs, callbacks):
+        net.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+
+    whole, seen, trained = model(), Seen(), []
+    trained_weights = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, l: trained.append(
+        keras.ops.convert_to_numpy(whole.optimizer._model_variables_moving_average[0]).copy()))
+    fit(whole, 2, [AveragedWeights(), seen, trained_weights])
+    assert not np.allclose(seen.weights[0], trained[0]), "the average is not the last weights"
+    np.testing.assert_allclose(whole.get_weights()[0], seen.weights[-1])  # the run ends with the average
+
+    first = model()  # the same run, stopped after epoch 1 is backed up
+    backup = AtomicBackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)  # as `train` keeps it
+    stop = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, l: setattr(first, "stop_training", True))
+    fit(first, 2, [AveragedWeights(), backup, stop])
+    resumed = model()
+    resumed.optimizer.build(resumed.trainable_variables)
+    assert AtomicBackupAndRestore(str(tmp_path / "backup")).restore(resumed) == 1
+    seen_resumed = Seen()
+    fit(resumed, 2, [AveragedWeights(resumed=True), seen_resumed])
+    np.testing.assert_allclose(seen_resumed.weights[0], seen.weights[1], rtol=1e-6, atol=1e-7)
+
+
+def test_weight_averaging_is_checked_and_named_in_the_recipe_text():
+    assert "weights averaged (EMA momentum 0.9)" in Recipe(ema=0.9).describe()
+    assert "averaged" not in Recipe().describe()
+    with pytest.raises(Exception, match="need 0 <= ema < 1"):
+        Recipe(ema=1.0).validate("finetune")
+
+
 def bn_model():
     inp = keras.Input((4, 4, 3))
     x = keras.layers.Conv2D(8, 1, name="conv")(inp)
@@ -150,6 +215,25 @@ def test_finetune_starts_from_the_data_aware_fit_and_reports_epoch_zero(trained_
     assert after["top1_agreement"] >= before["top1_agreement"]
     markdown = (tmp_path / "fitted" / "report.md").read_text()
     assert "before training (epoch 0)" in markdown and "used as it is" in markdown
+
+
+def test_finetune_with_averaged_weights_keeps_what_each_epoch_evaluated(trained_tiny, tmp_path):
+    recipe = recipe_from_options("finetune", epochs=2, track_test=True, ema=0.5, lr=3e-3)
+    report = train(str(trained_tiny), "digits", mode="finetune", recipe=recipe, calibration="none",
+                   out=tmp_path / "run", heatmap_images=0)
+    converted = report["models"][1]
+    assert report["recipe"]["ema"] == 0.5 and "weights averaged" in report["recipe"]["description"]
+    assert converted["distilled"]
+    epoch = converted["history"][converted["best_epoch"] - 1]
+    assert converted["test_accuracy"] == pytest.approx(epoch["test_accuracy"], abs=1e-6)
+    # validation (where Keras swaps the average in) saw the weights the checkpoint holds
+    from keffconvert.train import load_model_and_data
+
+    _, data = load_model_and_data(str(trained_tiny), "digits", image_size=None, recipe=recipe, unsafe=False)
+    best = keras.models.load_model(tmp_path / "run" / "converted" / "best.keras", compile=False)
+    best.compile(loss="sparse_categorical_crossentropy")
+    val_loss = best.evaluate(data.pipeline("val", 64, scale=report["recipe"]["input_scale"]), verbose=0)
+    assert val_loss == pytest.approx(epoch["val_loss"], rel=1e-4)
 
 
 def test_cli_convert_with_calibration_reports_the_fit_and_held_out_agreement(trained_tiny, tmp_path):

@@ -180,6 +180,24 @@ def test_a_run_stopped_after_its_last_epoch_is_tested_without_training_again(tmp
     assert (best.stat().st_mtime_ns, history.read_text()) == before  # no epoch ran again
 
 
+def test_a_run_from_before_a_recipe_field_existed_resumes_unless_the_field_changes_what_it_does(tmp_path):
+    from dataclasses import asdict
+
+    from keffconvert.train import check_run_dir, start_run_dir
+
+    def settings(recipe):
+        return {"model": "m.keras", "mode": "finetune", "recipe": asdict(recipe)}
+
+    older = settings(Recipe(epochs=3))
+    del older["recipe"]["ema"], older["recipe"]["split_seed"]  # written before these fields existed
+    start_run_dir(tmp_path, older, force=False, resumed=False)
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / "history.json").write_text("[]")
+    assert check_run_dir(tmp_path, settings(Recipe(epochs=3)), force=False) is True
+    with pytest.raises(OutputError, match=r"other settings \(recipe\)"):
+        check_run_dir(tmp_path, settings(Recipe(epochs=3, ema=0.9)), force=False)
+
+
 def test_option_conflicts_are_usage_errors(tmp_path):
     result = CliRunner().invoke(cli, ["train", "efficientnetb0", "--distill-weight", "0.5", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "distillation needs --mode finetune" in result.stderr

@@ -40,9 +40,16 @@ TRAINING_OPTIONS = [
                  help="Learning rate of epoch e is lr * lr-decay**e. Default: 0.99; finetune: 1."),
     click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None, metavar="E",
                  help="Ramp the learning rate up linearly over the first E epochs' steps. Default: 0."),
+    click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None, metavar="MOMENTUM",
+                 help="Keep a moving average of the weights (updated every step with this momentum, e.g. 0.9) "
+                      "and evaluate, checkpoint and keep it instead of the last weights. Default: 0 (off)."),
     click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd"]), default=None,
                  help="Default: rmsprop (the paper's); finetune: adam."),
-    click.option("--seed", type=int, default=0, help="Seeds initialisation, shuffling, augmentation and the splits."),
+    click.option("--seed", type=int, default=0,
+                 help="Seeds initialisation, shuffling, augmentation, the calibration draw and the splits."),
+    click.option("--split-seed", type=int, default=None,
+                 help="Seeds the validation and test hold-outs instead of --seed, so runs with different seeds "
+                      "are tested on the same images (fine-tuning: the split the original was trained with)."),
     click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
                  help="Share of the training images held out for validation (stratified)."),
     click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
