@@ -26,8 +26,9 @@ from keffconvert.model_info import leaf_layers
 BN_MODES = ("train", "frozen", "recalibrate")
 
 # Recipe values that replace the paper's from-scratch ones in --mode finetune, unless given.
-# lr 1e-4 without warm-up: at 3e-4, with or without a one-epoch warm-up, epoch 1 fell below the
-# fitted start more often (README, "Data-aware conversion").
+# lr 1e-4 without warm-up: at 3e-4, alone or with a one-epoch warm-up, epoch 1 fell below the
+# fitted start more often, and with weight averaging two of three B0 runs collapsed below 90%
+# (README, "What a conversion does").
 FINETUNE_DEFAULTS = {"epochs": 3, "optimizer": "adam", "lr": 1e-4, "lr_decay": 1.0, "distill_weight": 0.5,
                      "bn_mode": "frozen"}
 
@@ -96,8 +97,9 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     """Keras' SwapEMAWeights(swap_on_epoch=True), made to survive a resume.
 
     Every evaluation, and every callback after it in an epoch's end (checkpoints, the backup),
-    sees the optimizer's moving average of the weights (Polyak averaging): a few dozen noisy steps
-    from a fitted start average out instead of showing as a dip. Each epoch therefore ends, and is
+    sees the optimizer's moving average of the weights (Polyak averaging) rather than the last
+    step's weights. (On digits it neither lifted nor steadied fine-tuning of a fitted B0: README,
+    "What a conversion does"; it is an option, off by default.) Each epoch therefore ends, and is
     backed up, with the average in the model and the trained weights in the optimizer's average
     slots; a run restored from such a backup (`resumed`) starts in that state, so its first
     epoch swaps back before training as an uninterrupted run does."""

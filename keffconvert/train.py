@@ -81,8 +81,8 @@ class Recipe:
     optimizer: str = "rmsprop"
     seed: int = 0
     # The validation and test hold-outs' seed (None: `seed`). Fixed while `seed` varies, repeated
-    # runs differ only in initialisation, shuffling and augmentation, and a fine-tuned model is
-    # tested on the images its original was tested on (never on ones it was trained on).
+    # runs differ only in initialisation, calibration draw, shuffling and augmentation, and a
+    # fine-tuned model is tested on the images its original was tested on (not ones it trained on).
     split_seed: int | None = None
     val_split: float = 0.1
     test_split: float = 0.2
