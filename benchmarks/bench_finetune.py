@@ -235,12 +235,14 @@ def plot(record, path):
 
 
 def recipe_fields(assignments):
-    """{field: value} from FIELD=VALUE strings, each value converted to the Recipe field's type."""
+    """{field: value} from FIELD=VALUE strings, each value converted to the Recipe field's declared
+    type (`int | None` fields such as steps_per_epoch to int)."""
     from dataclasses import fields
 
     from keffconvert.train import Recipe
 
-    types = {f.name: type(getattr(Recipe(), f.name)) for f in fields(Recipe)}
+    declared = {"int": int, "float": float, "bool": bool, "str": str}
+    types = {f.name: declared[str(f.type).split("|")[0].strip()] for f in fields(Recipe)}
     options = {}
     for assignment in assignments:
         name, _, value = assignment.partition("=")
