@@ -49,7 +49,9 @@ def build_report(*, source, mode, plan, results, data, recipe, settings, environ
         "mode_description": ("from scratch: every weight re-initialised, nothing transferred (the paper's protocol)"
                              if mode == "scratch" else
                              "fine-tuned from the weights the converter transferred"
-                             + (" with distillation from the original" if converted.get("distilled") else "")),
+                             + (" with distillation from the original" if converted.get("distilled") else "")
+                             + (_matched(len(converted["matched_block_outputs"]))
+                                if converted.get("matched_block_outputs") else "")),
         "channels_per_group": plan.channels_per_group,
         "variant": plan.variant,  # "2021" (METHOD.md) or "2022" (keffconvert/variant2022.py)
         "models": models,
@@ -309,3 +311,8 @@ def regenerate(path, out_dir=None):
             shutil.copyfile(heatmaps, tmp)
         written.append(out_dir / heatmaps.name)
     return written
+
+
+def _matched(count):
+    """The mode description's words for the block outputs fine-tuning matched."""
+    return f" and of the outputs of its {count} residual block{'s' if count != 1 else ''}"

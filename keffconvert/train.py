@@ -8,8 +8,9 @@
 
 Two modes. `scratch` (the paper's protocol, the default) rebuilds every model from its config,
 so no weight is transferred: only the architecture is compared. `finetune` starts from the
-weights the converter transferred (the original keeps its own) and can distil from the original
-(`Recipe.distill_weight > 0`).
+weights the converter transferred (the original keeps its own) and can distil from the original:
+its outputs (`Recipe.distill_weight > 0`) and its residual block outputs
+(`Recipe.feature_distill_weight > 0`, `keffconvert.feature_distill`).
 
 The recipe defaults are the paper's: RMSprop, learning rate 0.003 * 0.99**epoch, batch 64,
 augmentation, best checkpoint by validation accuracy (restored before testing), mixed precision
@@ -39,6 +40,7 @@ import numpy as np
 from keras import ops
 
 from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
+from keffconvert.feature_distill import feature_loss, matching_layers, tapped
 from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, AveragedWeights, BatchNormRecalibration,
                                   ChanceWarning, LinearWarmUp, TestEveryEpoch, freeze_batch_norms)
 from keffconvert.keras_compat import producing_layer, set_initial_epoch
@@ -92,6 +94,7 @@ class Recipe:
     flip: bool = False
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
+    feature_distill_weight: float = 0.0  # weight of matching the original's block outputs (finetune)
     mixed_precision: str = "auto"  # auto: on when a GPU is visible; "on"; "off" (see precision_policy)
     strategy: str = "default"  # "mirrored" (local GPUs), "multiworker" (TF_CONFIG): keffconvert.distribute_tf
     bn_mode: str = "train"  # or "frozen", "recalibrate": see keffconvert.finetune
@@ -102,6 +105,11 @@ class Recipe:
     cache: str | None = None  # streamed data: keep decoded images, "memory" or a file prefix
     image_key: str = "image/encoded"  # TFRecord feature keys
     label_key: str = "image/class/label"
+
+    @property
+    def distills(self):
+        """Whether training needs the original as a teacher (its outputs, its block outputs, or both)."""
+        return self.distill_weight > 0 or self.feature_distill_weight > 0
 
     def learning_rate(self, epoch):
         """The learning rate of `epoch` (0-based): lr * lr_decay ** epoch."""
@@ -127,6 +135,10 @@ class Recipe:
             problems.append("need 0 <= distill-weight <= 1 and distill-temperature > 0")
         if self.distill_weight > 0 and mode != "finetune":
             problems.append("distillation needs --mode finetune (the teacher is the original's trained weights)")
+        if self.feature_distill_weight < 0:
+            problems.append(f"feature-distill-weight must be at least 0 (got {self.feature_distill_weight})")
+        if self.feature_distill_weight > 0 and mode != "finetune":
+            problems.append("feature distillation needs --mode finetune (the teacher is the original's trained weights)")
         if self.mixed_precision not in ("auto", "on", "off"):
             problems.append(f"mixed precision must be auto, on or off (got {self.mixed_precision!r})")
         if self.bn_mode not in BN_MODES:
@@ -152,6 +164,8 @@ class Recipe:
             text += "no augmentation"
         if self.distill_weight > 0:
             text += f", distillation weight {self.distill_weight:g} at temperature {self.distill_temperature:g}"
+        if self.feature_distill_weight > 0:
+            text += f", block outputs matched with weight {self.feature_distill_weight:g}"
         if self.bn_mode != "train":
             text += f", batch norms {self.bn_mode}"
         return text
@@ -242,7 +256,8 @@ def precision_policy(setting, gpu):
 
 @keras.saving.register_keras_serializable(package="keffconvert")
 class Distiller(keras.Model):
-    """Trains `student` on (1 - weight) * cross-entropy + weight * T**2 * KL(teacher_T || student_T).
+    """Trains `student` on (1 - weight) * cross-entropy + weight * T**2 * KL(teacher_T || student_T),
+    plus feature_weight * the relative error of its block outputs (`keffconvert.feature_distill`).
 
     The teacher (the original model, frozen) is run in inference mode on the same augmented batch.
     Outputs may be probabilities (softmax) or logits: probabilities are turned into logits by a
@@ -250,7 +265,8 @@ class Distiller(keras.Model):
     comparable with a model trained without distillation.
     """
 
-    def __init__(self, student, teacher, temperature=4.0, weight=0.5, from_logits=False, **kwargs):
+    def __init__(self, student, teacher, temperature=4.0, weight=0.5, from_logits=False, feature_weight=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.student = student
         self.teacher = teacher
@@ -258,9 +274,26 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         self.weight = float(weight)
         self.from_logits = bool(from_logits)
+        self.feature_weight = float(feature_weight)
+        self.feature_points = matching_layers(student, teacher) if self.feature_weight > 0 else []
+        if self.feature_points:
+            self._student_taps = tapped(student, self.feature_points)
+            self._teacher_taps = tapped(teacher, self.feature_points)
 
     def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
+        """The student's outputs; in training, the distillation terms are added as losses (one
+        pass of each network serves both)."""
+        if not training or (self.weight == 0 and not self.feature_points):
+            return self.student(inputs, training=training)
+        if self.feature_points:
+            student, *student_features = self._student_taps(inputs, training=training)
+            teacher, *teacher_features = self._teacher_taps(inputs, training=False)
+            self.add_loss(self.feature_weight * feature_loss(student_features, teacher_features))
+        else:
+            student, teacher = self.student(inputs, training=training), self.teacher(inputs, training=False)
+        if self.weight > 0:
+            self.add_loss(self.weight * self.distillation_loss(student, teacher))
+        return student
 
     def _logits(self, outputs):
         outputs = ops.cast(outputs, "float32")
@@ -275,11 +308,13 @@ class Distiller(keras.Model):
         return ops.mean(kl) * (t * t)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        hard = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        # Keras adds the losses added in `call` (the distillation terms, regularisers) to the
+        # cross-entropy; only the cross-entropy is scaled by (1 - weight).
+        total = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
         if not training or self.weight == 0:
-            return hard
-        soft = self.distillation_loss(y_pred, self.teacher(x, training=False))
-        return (1.0 - self.weight) * ops.cast(hard, "float32") + self.weight * soft
+            return total
+        added = ops.sum(ops.stack([ops.cast(loss, "float32") for loss in self.losses])) if self.losses else 0.0
+        return (1.0 - self.weight) * (ops.cast(total, "float32") - added) + added
 
 
 def make_optimizer(recipe):
@@ -858,7 +893,7 @@ def train(model, data="digits", *, mode="scratch", with_original=False, out=None
         say(f"before training: top-1 agreement with the original {100 * plan.fidelity['top1_agreement']:.1f}% "
             f"on {plan.fidelity['samples']} test images", highlight=False)
     for key, template, label in jobs:
-        teacher = source if (key == "converted" and mode == "finetune" and recipe.distill_weight > 0) else None
+        teacher = source if (key == "converted" and mode == "finetune" and recipe.distills) else None
         try:
             with data_errors(dataset):  # an undecodable image: one line naming it; finished epochs kept
                 results[key] = _train_one(
@@ -992,8 +1027,13 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         if teacher is not None:
             frozen = rebuild(teacher, dtype=policy, copy_weights=True)
             trainer = Distiller(net, frozen, recipe.distill_temperature, recipe.distill_weight, from_logits,
-                                name=f"{net.name}_distiller")
+                                feature_weight=recipe.feature_distill_weight, name=f"{net.name}_distiller")
             trainer(np.zeros((1, *net.inputs[0].shape[1:]), dtype="float32"))  # build before restoring
+            if recipe.feature_distill_weight > 0:
+                points = trainer.feature_points
+                say(f"{label}: matching the original's {len(points)} residual block outputs" if points else
+                    f"{label}: no residual block outputs to match (an Add both models have, in the original's "
+                    "channel order): distilling the outputs only", highlight=False)
         trainer.compile(optimizer=make_optimizer(recipe), loss=loss,
                         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     trainable, total = count_params(net)
@@ -1052,6 +1092,7 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         "test_time_s": round(time.time() - start, 3),
         "checkpoint": f"{key}/best.keras", "history": history,
         "distilled": teacher is not None, "initial": initial,
+        "matched_block_outputs": list(getattr(trainer, "feature_points", [])),
         "warnings": [chance.warning] if chance.warning else [],
     }
     if class_names is not None:

@@ -111,7 +111,7 @@ def test_distillation_loss_is_temperature_scaled_kl():
     distiller.compile(loss="sparse_categorical_crossentropy")
     x = np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32") * 255
     y = np.arange(4)
-    y_pred = student(x, training=False)
+    y_pred = distiller(x, training=True)  # the distillation term is added to the losses here
     loss = float(distiller.compute_loss(x=x, y=y, y_pred=y_pred, training=True))
     p_t = teacher.predict(x, verbose=0).astype("float64") ** (1 / 2.0)
     p_t /= p_t.sum(axis=1, keepdims=True)
@@ -120,9 +120,11 @@ def test_distillation_loss_is_temperature_scaled_kl():
     expected = 4.0 * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1))
     assert loss == pytest.approx(expected, rel=1e-3, abs=1e-5)
     expected_ce = float(np.mean(-np.log(np.asarray(y_pred)[np.arange(4), y])))
+    distiller(x, training=False)  # as evaluation runs it: no distillation term added
     validation = float(distiller.compute_loss(x=x, y=y, y_pred=y_pred, training=False))
     assert validation == pytest.approx(expected_ce, rel=1e-4)  # validation loss: plain cross-entropy
     distiller.weight = 0.25
+    distiller(x, training=True)
     mixed = float(distiller.compute_loss(x=x, y=y, y_pred=y_pred, training=True))
     assert mixed == pytest.approx(0.75 * expected_ce + 0.25 * expected, rel=1e-3)
 
