@@ -5,9 +5,8 @@ given with --original), three ways to reach a converted model, each measured on 
 after every epoch (test accuracy is only measured here, never used to pick a checkpoint):
 
 * ``scratch``: the converted architecture trained from fresh weights with the paper's recipe;
-* ``finetune-slices``: fine-tuned (the fine-tuning defaults, distillation of the outputs and of
-  the residual block outputs included) from the plain conversion (block-diagonal slices of the
-  original's kernels);
+* ``finetune-slices``: fine-tuned (the fine-tuning defaults, distillation included) from the
+  plain conversion (block-diagonal slices of the original's kernels);
 * ``finetune-fitted``: the same from the data-aware conversion (512 calibration images).
 
 One run of a recipe moves test accuracy by 1-3 points from another with a different seed (about

@@ -127,7 +127,7 @@ def residual_cnn():
     return keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="head")(x))
 
 
-def test_finetune_matches_the_block_outputs_by_default(tmp_path):
+def test_finetune_matches_the_block_outputs_when_asked(tmp_path):
     from keffconvert.data import load_dataset
     from keffconvert.train import recipe_from_options, train
 
@@ -138,15 +138,16 @@ def test_finetune_matches_the_block_outputs_by_default(tmp_path):
     original.fit(data.x_train.astype("float32"), data.y_train, epochs=2, batch_size=64, verbose=0)
     original.save(tmp_path / "original.keras")
     runs = {}
-    for weight in (None, 0.0):
+    for weight in (0.5, None):
         recipe = recipe_from_options("finetune", epochs=1, feature_distill_weight=weight)
         report = train(str(tmp_path / "original.keras"), "digits", mode="finetune", recipe=recipe,
                        calibration="none", out=tmp_path / f"run{weight}", heatmap_images=0)
         runs[weight] = report
-    matched, logits_only = runs[None]["models"][1], runs[0.0]["models"][1]
+    matched, logits_only = runs[0.5]["models"][1], runs[None]["models"][1]  # the default: off
     assert matched["matched_block_outputs"] == ["block_add"]
-    assert "block outputs matched with weight 0.5" in runs[None]["recipe"]["description"]
-    assert runs[None]["mode_description"].endswith("distillation from the original and of the outputs of its "
+    assert "block outputs matched with weight 0.5" in runs[0.5]["recipe"]["description"]
+    assert "block outputs" not in runs[None]["recipe"]["description"]
+    assert runs[0.5]["mode_description"].endswith("distillation from the original and of the outputs of its "
                                                    "1 residual block")
     assert logits_only["matched_block_outputs"] == [] and logits_only["distilled"]
     assert matched["history"][0]["loss"] != pytest.approx(logits_only["history"][0]["loss"], rel=1e-3)

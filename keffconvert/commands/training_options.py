@@ -64,7 +64,7 @@ TRAINING_OPTIONS = [
     click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0),
     click.option("--feature-distill-weight", type=click.FloatRange(min=0), default=None, metavar="W",
                  help="finetune only: weight of matching the original's residual block outputs (relative squared "
-                      "error; 0 turns it off). Default: 0.5."),
+                      "error, e.g. 0.5). Default: 0 (off)."),
     click.option("--bn-mode", type=click.Choice(["train", "frozen", "recalibrate"]), default=None,
                  help="Batch norms: train (the plain recipe), frozen (inference mode, statistics kept, as keras.io's "
                       "fine-tuning recipe), recalibrate (re-estimate statistics on training images before each "
