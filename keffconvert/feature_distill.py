@@ -80,7 +80,8 @@ def _retrace(model, inputs, names, found):
 
 def _maybe_reordered(model):
     """Names of the layers, at any level, that a channel reordering starting at an expansion's
-    replacement (a grouped K without an L beside it) reaches through per-channel layers."""
+    replacement (a grouped K without an L beside it; `keffconvert.replacement` names them
+    `<conv>_k` and `<conv>_l`) reaches through per-channel layers."""
     reached = set()
     for level in _levels(model):
         graph = Graph.of(level)
