@@ -21,7 +21,7 @@ It also times the data-aware conversion of EfficientNet-B0 at 224x224 with 512 i
 forward pass of the same images (--time-224). Writes a JSON record and a plot of test accuracy
 against epochs (the mean over seeds, with the range).
 
-    python benchmarks/bench_finetune.py --seeds 0,1,2 --out benchmarks/finetune.json --plot benchmarks/finetune.png
+    python benchmarks/bench_finetune.py --seeds 0,1,2,3,4,5 --out benchmarks/finetune.json --plot benchmarks/finetune.png
     python benchmarks/bench_finetune.py --model mobilenetv2 --out benchmarks/finetune_mobilenetv2.json
 """
 

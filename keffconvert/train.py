@@ -42,7 +42,7 @@ from keras import ops
 from keffconvert.errors import DataError, OutputError, UnsupportedModelError, UsageConflict
 from keffconvert.feature_distill import feature_loss, matching_layers, tapped
 from keffconvert.finetune import (BN_MODES, FINETUNE_DEFAULTS, AveragedWeights, BatchNormRecalibration,
-                                  ChanceWarning, LinearWarmUp, TestEveryEpoch, freeze_batch_norms)
+                                  ChanceWarning, DropoutOff, LinearWarmUp, TestEveryEpoch, freeze_batch_norms)
 from keffconvert.keras_compat import producing_layer, set_initial_epoch
 from keffconvert.loading import MODEL_SUFFIXES, is_model_path
 from keffconvert.model_info import count_params, input_shape, leaf_layers
@@ -95,6 +95,7 @@ class Recipe:
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
     feature_distill_weight: float = 0.0  # weight of matching the original's block outputs (finetune)
+    dropout: bool = True  # False: the model's dropout layers pass inputs through while it trains
     mixed_precision: str = "auto"  # auto: on when a GPU is visible; "on"; "off" (see precision_policy)
     strategy: str = "default"  # "mirrored" (local GPUs), "multiworker" (TF_CONFIG): keffconvert.distribute_tf
     bn_mode: str = "train"  # or "frozen", "recalibrate": see keffconvert.finetune
@@ -168,6 +169,8 @@ class Recipe:
             text += f", block outputs matched with weight {self.feature_distill_weight:g}"
         if self.bn_mode != "train":
             text += f", batch norms {self.bn_mode}"
+        if not self.dropout:
+            text += ", dropout off"
         return text
 
 
@@ -575,11 +578,13 @@ class EpochLog(keras.callbacks.Callback):
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Saves `target` to `best.keras` whenever validation accuracy improves (ties: lower loss)."""
+    """Saves `target` to `best.keras` whenever validation accuracy improves (ties: lower loss);
+    `saving` is a context the save runs in (`DropoutOff.restored`)."""
 
-    def __init__(self, target, folder):
+    def __init__(self, target, folder, saving=nullcontext):
         super().__init__()
         self.target = target
+        self.saving = saving
         self.path = Path(folder) / "best.keras"
         self.state_path = Path(folder) / "best.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else None
@@ -592,7 +597,8 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.improved = (best is None or acc > best["val_accuracy"]
                          or (acc == best["val_accuracy"] and loss < best["val_loss"]))
         if self.improved:
-            save_model(self.target, self.path, force=True)
+            with self.saving():
+                save_model(self.target, self.path, force=True)
             self.state = {"epoch": epoch + 1, "val_accuracy": acc, "val_loss": loss}
             write_json(self.state_path, self.state, force=True)
 
@@ -1023,6 +1029,7 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         net = rebuild(template, dtype=policy, copy_weights=(mode == "finetune"))
         if recipe.bn_mode == "frozen":
             freeze_batch_norms(net)
+        dropout_off = None if recipe.dropout else DropoutOff(net)
         trainer = net
         if teacher is not None:
             frozen = rebuild(teacher, dtype=policy, copy_weights=True)
@@ -1047,7 +1054,7 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
     with dtype_policy(policy), strategy.scope():
         finished = backup.restore(trainer)
     log = EpochLog(folder / "history.json")
-    best = BestCheckpoint(net, folder)
+    best = BestCheckpoint(net, folder, saving=dropout_off.restored if dropout_off is not None else nullcontext)
     initial = _initial_accuracy(folder, net, pipelines, mode)
     chance = ChanceWarning(num_classes or 2, say)
     callbacks = [

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from test_train import tiny_model
 
 from keffconvert.cli import cli
-from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, LinearWarmUp, freeze_batch_norms,
+from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, DropoutOff, LinearWarmUp, freeze_batch_norms,
                                   recalibrate_batch_norms)
 from keffconvert.train import Recipe, recipe_from_options, train
 
@@ -176,19 +176,27 @@ def test_chance_warning_names_the_lag_once():
     assert len(said) == 1 and "at chance" in said[0] and "--bn-mode" in said[0]
 
 
-@pytest.fixture(scope="module")
-def trained_tiny(tmp_path_factory):
-    """A tiny model trained for a few epochs on digits at 16x16, saved as the user's original."""
+def train_tiny(folder, **model_options):
+    """A tiny model (`tiny_model(**model_options)`) trained for a few epochs on digits at 16x16,
+    saved in `folder` as the user's original."""
     from keffconvert.data import load_dataset
 
     keras.utils.set_random_seed(0)
-    model = tiny_model()
+    model = tiny_model(**model_options)
     data = load_dataset("digits", (16, 16), 3, seed=0)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(data.x_train.astype("float32"), data.y_train, epochs=8, batch_size=64, verbose=0)
-    path = tmp_path_factory.mktemp("original") / "tiny.keras"
+    # 8 epochs of ~18 steps leave the batch norms' moving statistics far behind the weights (the
+    # model is at chance in inference mode): re-estimate them, so the original has learned something
+    recalibrate_batch_norms(model, data.x_train.astype("float32"))
+    path = folder / "tiny.keras"
     model.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("original"))
 
 
 def finetune(original, out, calibration):
@@ -255,6 +263,69 @@ def test_cli_calibration_needs_the_weights(trained_tiny, tmp_path):
     result = CliRunner().invoke(cli, [str(trained_tiny), "--calibration", "digits", "--no-weights",
                                       "-o", str(tmp_path / "x.keras")])
     assert result.exit_code == 2 and "--no-weights" in result.output
+
+
+def dropout_model():
+    """Dropout at the top level and, with a SpatialDropout and a rate-0 Dropout, in a nested model."""
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(8, 1, name="conv")(inp)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    inner = keras.Sequential([keras.Input((4, 4, 8)), keras.layers.SpatialDropout2D(0.3, name="spatial"),
+                              keras.layers.Dropout(0.0, name="idle")], name="inner")
+    return keras.Model(inp, inner(x))
+
+
+def _rates(model):
+    return [model.get_layer("drop").rate, model.get_layer("inner").get_layer("spatial").rate,
+            model.get_layer("inner").get_layer("idle").rate]
+
+
+def test_dropout_off_trains_without_noise_and_gives_the_rates_back_for_saving(tmp_path):
+    model = dropout_model()
+    x = np.random.default_rng(0).normal(size=(16, 4, 4, 3)).astype("float32")
+    inference = keras.ops.convert_to_numpy(model(x, training=False))
+    assert not np.allclose(keras.ops.convert_to_numpy(model(x, training=True)), inference)
+    off = DropoutOff(model)
+    assert len(off) == 2 and _rates(model) == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x, training=True)), inference, atol=1e-6)
+    with off.restored():
+        assert _rates(model) == [0.5, 0.3, 0.0]
+        model.save(tmp_path / "saved.keras")
+    assert _rates(model) == [0.0, 0.0, 0.0]
+    assert _rates(keras.models.load_model(tmp_path / "saved.keras")) == [0.5, 0.3, 0.0]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_finetune_trains_with_dropout_off_by_default_and_saves_the_models_rate(dropout, tmp_path):
+    """At a learning rate of 1e-9 (weights unchanged) and without augmentation, the training
+    accuracy Keras logs is the model's own accuracy on the training images only if no unit was
+    dropped while it trained (the head's dropout rate is 0.5). `--dropout` keeps it on."""
+    from keffconvert.train import load_model_and_data
+
+    original, run = train_tiny(tmp_path, dropout=0.5), tmp_path / "run"
+    if dropout:
+        result = CliRunner().invoke(cli, ["train", str(original), "--data", "digits", "--mode", "finetune", "--epochs",
+                                          "1", "--lr", "1e-9", "--no-augment", "--distill-weight", "0", "--dropout",
+                                          "--quiet", "--out", str(run)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((run / "report.json").read_text())
+        assert report["recipe"]["dropout"] is True
+    else:
+        recipe = recipe_from_options("finetune", epochs=1, lr=1e-9, augment=False, distill_weight=0.0)
+        report = train(str(original), "digits", mode="finetune", recipe=recipe, out=run, heatmap_images=0)
+    assert ("dropout off" in report["recipe"]["description"]) is not dropout
+    best = keras.models.load_model(run / "converted" / "best.keras", compile=False)
+    assert best.get_layer("head_dropout").rate == 0.5, "the saved model keeps the original's rate"
+    best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    _, data = load_model_and_data(str(original), "digits", image_size=None, recipe=recipe_from_options("finetune"),
+                                  unsafe=False)
+    _, accuracy = best.evaluate(data.pipeline("train", 64, scale=report["recipe"]["input_scale"]), verbose=0)
+    logged = report["models"][1]["history"][0]["accuracy"]
+    assert accuracy > 0.5, "the fitted start has learned something to lose"
+    if dropout:
+        assert logged < accuracy - 0.05
+    else:
+        assert logged == pytest.approx(accuracy, abs=0.005)
 
 
 def test_bn_mode_is_checked():

@@ -20,8 +20,9 @@ from keffconvert.errors import OutputError
 from keffconvert.train import Distiller, Recipe, rebuild, train
 
 
-def tiny_model(size=16, classes=10, name="tiny"):
-    """A small functional CNN with convertible 1x1 convs (32 -> 64 -> 32 channels)."""
+def tiny_model(size=16, classes=10, name="tiny", dropout=0.0):
+    """A small functional CNN with convertible 1x1 convs (32 -> 64 -> 32 channels); `dropout` > 0
+    puts a Dropout of that rate before the head."""
     inp = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 255.0, name="rescale")(inp)
     x = keras.layers.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.0, 2.0, 3.0], name="norm")(x)
@@ -34,6 +35,8 @@ def tiny_model(size=16, classes=10, name="tiny"):
     x = keras.layers.Conv2D(32, 1, use_bias=False, name="project")(x)
     x = keras.layers.BatchNormalization(name="project_bn")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     out = keras.layers.Dense(classes, activation="softmax", name="head")(x)
     return keras.Model(inp, out, name=name)
 

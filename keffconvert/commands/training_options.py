@@ -69,6 +69,9 @@ TRAINING_OPTIONS = [
                  help="Batch norms: train (the plain recipe), frozen (inference mode, statistics kept, as keras.io's "
                       "fine-tuning recipe), recalibrate (re-estimate statistics on training images before each "
                       "evaluation). Default: train; finetune: frozen."),
+    click.option("--dropout/--no-dropout", default=None,
+                 help="Keep the model's dropout layers (EfficientNet's drop-connect included) active while it trains. "
+                      "Default: on; finetune: off (the saved model keeps its rates)."),
     click.option("--calibration", default="train", metavar="DATA",
                  help="finetune only: images the data-aware conversion fits on before training: 'train' (the "
                       "training images), 'digits', an .npz, an image folder, or 'none' (plain block-diagonal slices)."),
