@@ -71,9 +71,6 @@ class DropoutOff:
         for layer, own in self.rates:
             layer.rate = own if rate is None else rate
 
-    def __len__(self):
-        return len(self.rates)
-
     @contextmanager
     def restored(self):
         self._set()

@@ -1029,7 +1029,7 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
         net = rebuild(template, dtype=policy, copy_weights=(mode == "finetune"))
         if recipe.bn_mode == "frozen":
             freeze_batch_norms(net)
-        dropout_off = None if recipe.dropout else DropoutOff(net)
+        saving = nullcontext if recipe.dropout else DropoutOff(net).restored  # BestCheckpoint's saves
         trainer = net
         if teacher is not None:
             frozen = rebuild(teacher, dtype=policy, copy_weights=True)
@@ -1054,7 +1054,7 @@ def _train_one(key, template, label, folder, *, recipe, mode, policy, strategy, 
     with dtype_policy(policy), strategy.scope():
         finished = backup.restore(trainer)
     log = EpochLog(folder / "history.json")
-    best = BestCheckpoint(net, folder, saving=dropout_off.restored if dropout_off is not None else nullcontext)
+    best = BestCheckpoint(net, folder, saving=saving)
     initial = _initial_accuracy(folder, net, pipelines, mode)
     chance = ChanceWarning(num_classes or 2, say)
     callbacks = [

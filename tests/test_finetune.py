@@ -185,10 +185,11 @@ def train_tiny(folder, **model_options):
     model = tiny_model(**model_options)
     data = load_dataset("digits", (16, 16), 3, seed=0)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(data.x_train.astype("float32"), data.y_train, epochs=8, batch_size=64, verbose=0)
+    x_train = data.x_train.astype("float32")
+    model.fit(x_train, data.y_train, epochs=8, batch_size=64, verbose=0)
     # 8 epochs of ~18 steps leave the batch norms' moving statistics far behind the weights (the
     # model is at chance in inference mode): re-estimate them, so the original has learned something
-    recalibrate_batch_norms(model, data.x_train.astype("float32"))
+    recalibrate_batch_norms(model, x_train)
     path = folder / "tiny.keras"
     model.save(path)
     return path
@@ -286,7 +287,7 @@ def test_dropout_off_trains_without_noise_and_gives_the_rates_back_for_saving(tm
     inference = keras.ops.convert_to_numpy(model(x, training=False))
     assert not np.allclose(keras.ops.convert_to_numpy(model(x, training=True)), inference)
     off = DropoutOff(model)
-    assert len(off) == 2 and _rates(model) == [0.0, 0.0, 0.0]
+    assert len(off.rates) == 2 and _rates(model) == [0.0, 0.0, 0.0]
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x, training=True)), inference, atol=1e-6)
     with off.restored():
         assert _rates(model) == [0.5, 0.3, 0.0]
