@@ -64,10 +64,11 @@ def train_original(name, epochs, seed, path, bn_momentum=None):
     so its validation accuracy stays at chance for the whole run."""
     import keras
 
-    from keffconvert.data import load_dataset
-    from keffconvert.data_tf import augmenter, make_dataset
-    from keffconvert.model_info import leaf_layers
-    from keffconvert.train import Recipe, guess_input_scale
+    from keffconvert.data.sources import load_dataset
+    from keffconvert.data.images_tf import augmenter, make_dataset
+    from keffconvert.graph.model_info import leaf_layers
+    from keffconvert.data.pixels import guess_input_scale
+    from keffconvert.train.recipe import Recipe
 
     recipe = Recipe(epochs=epochs, seed=seed)
     data = load_dataset("digits", (32, 32), 3, seed=0)
@@ -109,7 +110,8 @@ def nest_as_transfer(b0_path, path):
 
 
 def run_arm(arm, original, epochs, workdir, seed=0, finetune_options=None):
-    from keffconvert.train import recipe_from_options, train
+    from keffconvert.train.recipe import recipe_from_options
+    from keffconvert.train import train
 
     common = dict(epochs=epochs, track_test=True, seed=seed, split_seed=SPLIT_SEED)
     folder = workdir / f"{arm}-seed{seed}"
@@ -178,7 +180,7 @@ def time_224(original, samples=512):
     import keras
 
     import keffconvert
-    from keffconvert.digits import digits_images
+    from keffconvert.data.digits import digits_images
 
     small = keras.models.load_model(original, compile=False)
     model = keras.applications.EfficientNetB0(weights=None, classes=small.outputs[0].shape[-1],
@@ -239,7 +241,7 @@ def recipe_fields(assignments):
     type (`int | None` fields such as steps_per_epoch to int)."""
     from dataclasses import fields
 
-    from keffconvert.train import Recipe
+    from keffconvert.train.recipe import Recipe
 
     declared = {"int": int, "float": float, "bool": bool, "str": str}
     types = {f.name: declared[str(f.type).split("|")[0].strip()] for f in fields(Recipe)}

@@ -38,7 +38,7 @@ def make_folder(root, count, size=96, seed=0):
     """`count` real-looking JPEGs in root/<digit>/, written once (a finished folder is reused)."""
     from PIL import Image
 
-    from keffconvert.digits import load_digits_arrays
+    from keffconvert.data.digits import load_digits_arrays
 
     root = Path(root)
     done = root / ".complete"
@@ -81,8 +81,8 @@ def throughput(folder, repeats, batch=64, size=224):
     import keras
     import tensorflow as tf
 
-    from keffconvert.data import open_data
-    from keffconvert.data_tf import augmenter, scale_pixels
+    from keffconvert.data.sources import open_data
+    from keffconvert.data.images_tf import augmenter, scale_pixels
 
     augment = augmenter(0.1, 0.1, False, seed=0)
     stream = open_data(folder, (size, size), 3, seed=0)

@@ -15,8 +15,8 @@ import time
 import keras
 import numpy as np
 
-from keffconvert.convert import convert
-from keffconvert.train import dtype_policy, rebuild
+from keffconvert.converter import convert
+from keffconvert.train.precision import dtype_policy, rebuild
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 

@@ -131,7 +131,7 @@ def section_tflite(args):
     import numpy as np
 
     from keffconvert.export import FoldReport
-    from keffconvert.export_tflite import interpreter, to_tflite
+    from keffconvert.export.tflite import interpreter, to_tflite
 
     original, converted, _ = models(224)
     flat, reports = {}, {}

@@ -34,10 +34,11 @@ def main():
     import keras
 
     import keffconvert  # noqa: F401 - registers the layers
-    from keffconvert.convert import convert
-    from keffconvert.fidelity import agreement
-    from keffconvert.model_inputs import calibration_images
-    from keffconvert.data import load_dataset
+    from keffconvert.converter import convert
+    from keffconvert.options import Target
+    from keffconvert.report.fidelity import agreement
+    from keffconvert.data.model_inputs import calibration_images
+    from keffconvert.data.sources import load_dataset
 
     original = keras.models.load_model(args.original)
     images = calibration_images(args.data, original, samples=args.samples)
@@ -52,14 +53,14 @@ def main():
     for arm in args.arms.split(","):
         started = time.time()
         if arm == "free":
-            model, plan = convert(original, target_reduction=args.reduction)
+            model, plan = convert(original, target=Target(reduction=args.reduction))
         elif arm in ("lagrangian", "greedy"):
-            model, plan = convert(original, target_reduction=args.reduction, target_method=arm,
+            model, plan = convert(original, target=Target(reduction=args.reduction, method=arm),
                                   calibration=images.calibration)
             uniform_cpg = plan.target["uniform"]["cpg"] if plan.target["uniform"] else uniform_cpg
         elif arm == "uniform":
             if uniform_cpg is None:
-                _, dry = convert(original, target_reduction=args.reduction, dry_run=True)
+                _, dry = convert(original, target=Target(reduction=args.reduction), dry_run=True)
                 uniform_cpg = dry.target["uniform"]["cpg"]
             model, plan = convert(original, uniform_cpg, calibration=images.calibration)
         else:

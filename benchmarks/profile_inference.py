@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from keffconvert.export import inference_model
-from keffconvert.graph import Graph
+from keffconvert.graph.view import Graph
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
 from keffconvert.outputs import write_json
 

@@ -3,61 +3,43 @@
     import keras, keffconvert
 
     small, plan = keffconvert.convert(keras.applications.EfficientNetB0(weights=None, classes=10))
+    small, plan = keffconvert.convert(model, calibration=images)          # fitted to the original
+    small, plan = keffconvert.convert(model, target=keffconvert.Target(reduction=80))
 
 Importing keffconvert has no side effect on the process: it does not import Keras or TensorFlow
 and does not touch stderr. The names below load on first use, and keffconvert's two layers are
 registered with Keras as soon as Keras is imported (at once if it already is), so
 `keras.models.load_model` reads converted models whichever of `import keras` and
 `import keffconvert` comes first. Only the `keffconvert` command silences TensorFlow's start-up
-lines (`keffconvert.cli.main`, `keffconvert._quiet`).
+lines (`keffconvert.cli.main`, `keffconvert.quiet_start`).
 """
 
 import importlib
 import importlib.abc
 import importlib.util
 import sys
-import types
+
+from keffconvert.lazy import lazy_names
 
 __version__ = "0.1.0"
-__all__ = ["convert", "sweep", "GroupedPointwiseConv2D", "InterleaveChannels", "PaddedGroupedPointwiseConv2D", "LayerPlan", "Plan", "__version__"]
+__all__ = ["Calibration", "GroupedPointwiseConv2D", "InterleaveChannels", "LayerPlan", "PaddedGroupedPointwiseConv2D",
+           "Plan", "Target", "__version__", "convert", "sweep"]
 
 _HOMES = {  # public name -> the module that defines it
-    "convert": "keffconvert.convert",
-    "sweep": "keffconvert.sweep",
-    "GroupedPointwiseConv2D": "keffconvert.layers",
-    "InterleaveChannels": "keffconvert.layers",
-    "PaddedGroupedPointwiseConv2D": "keffconvert.layers",
-    "LayerPlan": "keffconvert.plan",
-    "Plan": "keffconvert.plan",
+    "convert": "keffconvert.converter",
+    "Calibration": "keffconvert.options",
+    "Target": "keffconvert.options",
+    "sweep": "keffconvert.train.sweep",
+    "GroupedPointwiseConv2D": "keffconvert.layers.grouped",
+    "InterleaveChannels": "keffconvert.layers.grouped",
+    "PaddedGroupedPointwiseConv2D": "keffconvert.layers.padded",
+    "LayerPlan": "keffconvert.plan.model_plan",
+    "Plan": "keffconvert.plan.model_plan",
 }
 _REGISTERS_LAYERS = "keffconvert.layers"  # importing it registers the layers with Keras
 
 
-def __getattr__(name):
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The package's module type. The import system sets every submodule it loads as an attribute
-    of its package; `keffconvert.convert` is the function, so the submodule of the same name must
-    not replace it."""
-
-    def __setattr__(self, name, value):
-        if name in _HOMES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)
 
 
 class _RegisterLayersWithKeras(importlib.abc.MetaPathFinder):

@@ -13,7 +13,7 @@ import traceback
 
 import click
 
-from keffconvert._quiet import start_backend
+from keffconvert.quiet_start import start_backend
 from keffconvert.errors import INTERNAL_ERROR, INTERRUPTED, KeffError, exit_codes_help
 
 EXIT_CODES = exit_codes_help()
@@ -123,9 +123,16 @@ def cli(debug):
 
 
 def _register():
-    from keffconvert.commands import COMMANDS
+    from keffconvert.commands.check import check_command
+    from keffconvert.commands.convert import convert_command
+    from keffconvert.commands.export import export_command
+    from keffconvert.commands.heatmaps import heatmaps_command
+    from keffconvert.commands.report import report_command
+    from keffconvert.commands.sweep import sweep_command
+    from keffconvert.commands.train import train_command
 
-    for command in COMMANDS:
+    for command in (convert_command, check_command, train_command, sweep_command, report_command, export_command,
+                    heatmaps_command):
         cli.add_command(command)
 
 
@@ -134,7 +141,7 @@ _register()
 
 def main():
     """The `keffconvert` command. Starts Keras first, without TensorFlow's start-up lines on stderr
-    (keffconvert._quiet); only the command does that, never `import keffconvert`."""
+    (keffconvert.quiet_start); only the command does that, never `import keffconvert`."""
     start_backend()
     cli(prog_name="keffconvert")
 

@@ -6,10 +6,10 @@
         model = build_my_model()
         assert_within_budget(model, max_params=700_000, max_macs="5M")
 
-The same limits and messages as `keffconvert check` (both use `keffconvert.budget`).
+The same limits and messages as `keffconvert check` (both use `keffconvert.check.budget`).
 """
 
-from keffconvert.budget import budget_from_mapping, check_model
+from keffconvert.check.budget import budget_from_mapping, check_model
 
 __all__ = ["assert_within_budget"]
 
@@ -42,7 +42,7 @@ def assert_within_budget(model, max_params=None, max_total_params=None, max_macs
         classes, input_size, unsafe: passed to the loader for a path or built-in name.
 
     Returns:
-        The list of `keffconvert.budget.Verdict`s (all passed).
+        The list of `keffconvert.check.budget.Verdict`s (all passed).
 
     Raises:
         AssertionError: a limit is exceeded.
@@ -50,7 +50,7 @@ def assert_within_budget(model, max_params=None, max_total_params=None, max_macs
             not pass silently).
         keffconvert.errors.InputError / UnsupportedModelError: the model cannot be read or measured.
     """
-    from keffconvert.budget import BudgetConfigError, require_limits
+    from keffconvert.check.budget import BudgetConfigError, require_limits
 
     settings = {"max-params": max_params, "max-total-params": max_total_params, "max-macs": max_macs,
                 "min-reduction": min_reduction, "as-converted": as_converted,

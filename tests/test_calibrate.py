@@ -6,8 +6,8 @@ import pytest
 from conftest import randomize, small_cnn
 
 import keffconvert
-from keffconvert.coupling import choose_order
-from keffconvert.fidelity import agreement
+from keffconvert.fit.coupling import choose_order
+from keffconvert.report.fidelity import agreement
 from keffconvert.layers import interleave_permutation
 
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import count
 
-from keffconvert.budget import (Budget, BudgetConfigError, Verdict, budget_from_mapping, evaluate, measure,
+from keffconvert.check.budget import (Budget, BudgetConfigError, Verdict, budget_from_mapping, evaluate, measure,
                                 parse_count, read_budget_file)
 from keffconvert.cli import cli
 

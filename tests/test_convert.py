@@ -340,7 +340,7 @@ def test_subclassed_and_channels_first_models_are_refused():
 
 @pytest.mark.parametrize("name,expected", [("relu", 1e-3), ("swish", 0.0), ("linear", 0.0), ("sigmoid", -4.0)])
 def test_quiet_point_is_near_zero_and_keeps_a_gradient(name, expected):
-    from keffconvert.weights import quiet_point
+    from keffconvert.rewrite.weights import quiet_point
 
     assert quiet_point(keras.activations.get(name)) == pytest.approx(expected)
 
@@ -506,7 +506,7 @@ def _chain(activation, bias, bn, own_activation):
     return randomize(keras.Model(inp, x))
 
 
-ACCEPTED = sorted(__import__("keffconvert.layer_kinds", fromlist=["x"]).ELEMENTWISE_ACTIVATIONS - {"linear"})
+ACCEPTED = sorted(__import__("keffconvert.graph.layer_kinds", fromlist=["x"]).ELEMENTWISE_ACTIVATIONS - {"linear"})
 
 
 @pytest.mark.parametrize("activation", ACCEPTED)
@@ -582,7 +582,7 @@ def test_regularizers_and_constraints_are_carried_and_the_rest_is_named():
 
 
 def test_printed_plan_names_kept_models_and_dropped_settings():
-    from keffconvert.display import plan_rows, totals_lines
+    from keffconvert.report.plan_view import plan_rows, totals_lines
 
     inp = keras.Input((8, 8, 32))
     x = keras.layers.Conv2D(32, 1, name="m", activity_regularizer=keras.regularizers.L1(1e-5))(inp)

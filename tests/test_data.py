@@ -6,7 +6,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from keffconvert.cli import cli
-from keffconvert.data import load_dataset, stratified_split
+from keffconvert.data.sources import load_dataset
+from keffconvert.data.splits import stratified_split
 from keffconvert.errors import DataError
 
 

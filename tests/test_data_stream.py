@@ -7,10 +7,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from keffconvert.cli import cli
-from keffconvert.data import load_dataset, open_data
-from keffconvert.data_stream import StreamDataset, data_errors
+from keffconvert.data.sources import load_dataset, open_data
+from keffconvert.data.stream import StreamDataset, data_errors
 from keffconvert.errors import DataError
-from keffconvert.tfrecords import write_shard
+from keffconvert.data.tfrecords import write_shard
 
 
 def write_folder(root, classes=3, per_class=10, size=12, seed=0, suffix=".png"):
@@ -60,7 +60,7 @@ def test_folder_is_streamed_with_splits_from_the_file_list(folder):
 
 
 def test_streamed_pixels_match_the_in_memory_resize(folder):
-    from keffconvert.data_tf import fit_images
+    from keffconvert.data.images_tf import fit_images
 
     data = open_data(folder, (8, 8), 3, seed=0)
     paths = data.splits["test"].paths
@@ -101,17 +101,21 @@ def test_sample_draws_the_same_images_as_the_in_memory_data(folder):
 def test_calibration_and_fidelity_read_the_folder_through_the_stream(folder):
     import keras
 
-    from keffconvert.fidelity import probe_images
-    from keffconvert.model_inputs import calibration_images
+    from keffconvert.data.model_inputs import calibration_sets, probe_source
 
     inp = keras.Input((8, 8, 3))
     model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inp)))
-    images = calibration_images(folder, model, samples=5, held_out=4, seed=2)
-    assert images.calibration.shape == (5, 8, 8, 3) and images.held_out.shape == (4, 8, 8, 3)
-    expected = open_data(folder, (8, 8), 3, seed=2).sample(("train", "val"), 5, seed=2) / 255.0
-    assert np.allclose(images.calibration, expected)  # 'unit' pixels: the model does not rescale
-    probe = probe_images(str(folder), model, limit=3)
-    assert probe.shape == (3, 8, 8, 3) and probe.max() <= 1.0
+    images = calibration_sets(folder, model, samples=5, held_out=4, seed=2)
+    calibration = np.concatenate(list(images.calibration.batches(2)))
+    held_out = np.concatenate(list(images.held_out.batches(3)))
+    assert calibration.shape == (5, 8, 8, 3) and held_out.shape == (4, 8, 8, 3)
+    every = open_data(folder, (8, 8), 3, seed=0)
+    decoded = np.concatenate([every.sample((s,)) for s in ("train", "val", "test")]).astype("float32") / 255.0
+    # 'unit' pixels (the model does not rescale), each image one of the folder's, none in both sets
+    rows = [int(np.flatnonzero(np.all(decoded == image, axis=(1, 2, 3)))[0]) for image in [*calibration, *held_out]]
+    assert len(set(rows)) == 9
+    probe = probe_source(str(folder), model, limit=3)
+    assert len(probe) == 3 and probe.labels is not None and np.concatenate(list(probe.batches(8))).max() <= 1.0
 
 
 def test_tfrecord_shards_by_split_name_and_by_glob(shards):
@@ -208,8 +212,8 @@ def test_train_steps_per_epoch_on_a_streamed_folder(folder, tmp_path):
 def test_one_resampling_resize_and_augment_matches_the_plain_resize_and_stays_in_range(folder):
     import tensorflow as tf
 
-    from keffconvert.data_stream import resize_and_augment
-    from keffconvert.data_tf import augmenter
+    from keffconvert.data.stream import resize_and_augment
+    from keffconvert.data.images_tf import augmenter
 
     image = tf.constant(np.asarray(Image.open(folder / "c1" / "0.png")))
     plain = tf.image.resize(tf.cast(image, tf.float32), (20, 28), method="bilinear")

@@ -14,10 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from keffconvert.cli import cli
-from keffconvert.data import load_dataset
-from keffconvert.distribute_tf import read_tf_config
+from keffconvert.data.sources import load_dataset
+from keffconvert.train.distribute_tf import read_tf_config
 from keffconvert.errors import UsageConflict
-from keffconvert.train import Distiller, dtype_policy, precision_policy, rebuild
+from keffconvert.train.distill import Distiller
+from keffconvert.train.precision import dtype_policy, precision_policy, rebuild
 
 
 def tiny_model(size=8, classes=10, name="tiny"):
@@ -173,7 +174,7 @@ def test_float16_scales_the_loss_and_distils_in_float32():
 
 
 def test_a_non_chief_worker_resumes_from_a_copy_of_what_the_chief_committed(tmp_path):
-    from keffconvert.distribute_tf import Worker, WorkerRunDir, progress
+    from keffconvert.train.distribute_tf import Worker, WorkerRunDir, progress
 
     out = tmp_path / "run"
     for name in ("epoch-0002", "epoch-0003", "epoch-0004.partial"):

@@ -13,8 +13,8 @@ import pytest
 from conftest import count
 
 import keffconvert
-from keffconvert.data import stratified_split
-from keffconvert.train import Recipe
+from keffconvert.data.splits import stratified_split
+from keffconvert.train.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import small_cnn
 
-import keffconvert.budget
+import keffconvert.check.budget
 import keffconvert.errors as errors
-import keffconvert.export_tflite
-import keffconvert.fidelity
+import keffconvert.export.tflite
+import keffconvert.report.fidelity
 import keffconvert.loading
 import keffconvert.train  # noqa: F401 (defines KeffError subclasses too)
 from keffconvert.cli import EXIT_CODES, cli
@@ -68,7 +68,7 @@ def test_one_table_of_codes_and_every_error_class_uses_it():
     assert {"UsageConflict", "BudgetConfigError", "ExportMismatchError"} <= {c.__name__ for c in subclasses}
     for cls in subclasses:
         assert cls.exit_code in documented, cls
-    assert keffconvert.budget.BudgetConfigError is errors.BudgetConfigError
+    assert keffconvert.check.budget.BudgetConfigError is errors.BudgetConfigError
     help_text = run("--help").output
     assert "Exit codes:" in help_text and "70" in help_text and "--debug" in help_text
 
@@ -125,7 +125,7 @@ def test_check_over_budget_is_1_and_a_crash_in_check_is_not(monkeypatch, model_f
     over = run("check", model_file, "--max-params", "10")
     assert over.exit_code == errors.OVER_BUDGET, over.output
     assert "FAIL" in over.stdout
-    monkeypatch.setattr(keffconvert.budget, "check_model", boom)
+    monkeypatch.setattr(keffconvert.check.budget, "check_model", boom)
     crash = run("check", model_file, "--max-params", "10")
     assert crash.exit_code == errors.INTERNAL_ERROR, crash.output
     assert len(stderr_lines(crash)) == 1 and "Traceback" not in crash.output
@@ -138,7 +138,7 @@ def test_check_never_exits_1_but_for_the_budget(monkeypatch, model_file, error, 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(keffconvert.budget, "check_model", fail)
+    monkeypatch.setattr(keffconvert.check.budget, "check_model", fail)
     result = run("check", model_file, "--max-params", "10")
     assert result.exit_code == code, result.output
     assert len(stderr_lines(result)) == 1 and "Traceback" not in result.output
@@ -164,7 +164,7 @@ def large_difference(reference, candidate):
 
 @pytest.mark.parametrize("fmt, name", [("keras", "m.keras"), ("saved_model", "m_saved")])
 def test_export_that_disagrees_exits_7_and_writes_nothing(monkeypatch, model_file, tmp_path, fmt, name):
-    monkeypatch.setattr(keffconvert.fidelity, "compare_predictions", large_difference)
+    monkeypatch.setattr(keffconvert.report.fidelity, "compare_predictions", large_difference)
     out = tmp_path / "out" / name
     out.parent.mkdir()
     result = run("export", model_file, "--format", fmt, "-o", out)
@@ -175,8 +175,8 @@ def test_export_that_disagrees_exits_7_and_writes_nothing(monkeypatch, model_fil
 
 
 def test_tflite_export_that_disagrees_keeps_the_old_output(monkeypatch, model_file, tmp_path):
-    real_predict = keffconvert.export_tflite.predict
-    monkeypatch.setattr(keffconvert.export_tflite, "predict", lambda content, x: real_predict(content, x) + 0.5)
+    real_predict = keffconvert.export.tflite.predict
+    monkeypatch.setattr(keffconvert.export.tflite, "predict", lambda content, x: real_predict(content, x) + 0.5)
     out = tmp_path / "m.tflite"
     out.write_bytes(b"previous export")
     result = run("export", model_file, "-o", out, "--force")

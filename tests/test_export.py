@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import keffconvert
 from keffconvert.cli import cli
 from keffconvert.export import FoldReport, inference_model
-from keffconvert.export_tflite import predict, to_tflite
+from keffconvert.export.tflite import predict, to_tflite
 from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
 
 ATOL = 1e-4
@@ -219,7 +219,7 @@ def trained_digits():
     """The converted MBConv CNN trained from scratch (as the paper trains kEffNets) for a few
     epochs on digits at 32x32: a 'trained-ish' model whose predictions have real margins, so
     that int8's agreement with float32 means something (random weights give near-ties)."""
-    from keffconvert.digits import digits_images, load_digits_arrays
+    from keffconvert.data.digits import digits_images, load_digits_arrays
 
     keras.utils.set_random_seed(0)
     _, labels = load_digits_arrays()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import keffconvert
-from keffconvert.feature_distill import feature_loss, matching_layers, tapped
-from keffconvert.train import Distiller
+from keffconvert.train.feature_distill import feature_loss, matching_layers, tapped
+from keffconvert.train.distill import Distiller
 from tests.conftest import randomize, small_cnn
 
 
@@ -83,7 +83,7 @@ def test_distiller_adds_the_feature_term_with_its_own_weight():
 
 
 def test_a_distiller_matching_block_outputs_is_backed_up_and_restored(tmp_path):
-    from keffconvert.train import AtomicBackupAndRestore
+    from keffconvert.train.backup import AtomicBackupAndRestore
 
     teacher = randomize(small_cnn(), seed=1)
     rng = np.random.default_rng(3)
@@ -128,8 +128,9 @@ def residual_cnn():
 
 
 def test_finetune_matches_the_block_outputs_when_asked(tmp_path):
-    from keffconvert.data import load_dataset
-    from keffconvert.train import recipe_from_options, train
+    from keffconvert.data.sources import load_dataset
+    from keffconvert.train.recipe import recipe_from_options
+    from keffconvert.train import train
 
     keras.utils.set_random_seed(0)
     original = residual_cnn()

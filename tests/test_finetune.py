@@ -9,9 +9,10 @@ from click.testing import CliRunner
 from test_train import tiny_model
 
 from keffconvert.cli import cli
-from keffconvert.finetune import (FINETUNE_DEFAULTS, ChanceWarning, DropoutOff, LinearWarmUp, freeze_batch_norms,
+from keffconvert.train.finetune import (FINETUNE_DEFAULTS, ChanceWarning, DropoutOff, LinearWarmUp, freeze_batch_norms,
                                   recalibrate_batch_norms)
-from keffconvert.train import Recipe, recipe_from_options, train
+from keffconvert.train.recipe import Recipe, recipe_from_options
+from keffconvert.train import train
 
 
 def test_finetune_defaults_replace_the_papers_recipe_unless_given():
@@ -71,7 +72,7 @@ def test_warm_up_is_asked_for_and_named_in_the_recipe_text():
 
 
 def test_split_seed_keeps_the_test_images_while_the_seed_varies():
-    from keffconvert.train import load_model_and_data
+    from keffconvert.train.inputs import load_model_and_data
 
     def test_images(**seeds):
         _, data = load_model_and_data(tiny_model(), "digits", image_size=None, recipe=Recipe(**seeds), unsafe=False)
@@ -86,8 +87,8 @@ def test_split_seed_keeps_the_test_images_while_the_seed_varies():
 
 
 def test_averaged_weights_are_what_is_evaluated_and_a_resume_continues_the_average(tmp_path):
-    from keffconvert.finetune import AveragedWeights
-    from keffconvert.train import AtomicBackupAndRestore
+    from keffconvert.train.finetune import AveragedWeights
+    from keffconvert.train.backup import AtomicBackupAndRestore
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
@@ -179,7 +180,7 @@ def test_chance_warning_names_the_lag_once():
 def train_tiny(folder, **model_options):
     """A tiny model (`tiny_model(**model_options)`) trained for a few epochs on digits at 16x16,
     saved in `folder` as the user's original."""
-    from keffconvert.data import load_dataset
+    from keffconvert.data.sources import load_dataset
 
     keras.utils.set_random_seed(0)
     model = tiny_model(**model_options)
@@ -236,7 +237,7 @@ def test_finetune_with_averaged_weights_keeps_what_each_epoch_evaluated(trained_
     epoch = converted["history"][converted["best_epoch"] - 1]
     assert converted["test_accuracy"] == pytest.approx(epoch["test_accuracy"], abs=1e-6)
     # validation (where Keras swaps the average in) saw the weights the checkpoint holds
-    from keffconvert.train import load_model_and_data
+    from keffconvert.train.inputs import load_model_and_data
 
     _, data = load_model_and_data(str(trained_tiny), "digits", image_size=None, recipe=recipe, unsafe=False)
     best = keras.models.load_model(tmp_path / "run" / "converted" / "best.keras", compile=False)
@@ -250,7 +251,7 @@ def test_cli_convert_with_calibration_reports_the_fit_and_held_out_agreement(tra
     result = CliRunner().invoke(cli, [str(trained_tiny), "-c", "8", "-o", str(out), "--report", str(report),
                                       "--calibration", "digits", "--calibration-samples", "64"])
     assert result.exit_code == 0, result.output
-    assert "calibration: 64 calibration images from the training split of digits" in result.output
+    assert "calibration: 64 calibration images from the training images of digits, 359 held-out" in result.output
     assert "held-out images the fit did not see" in result.output
     plan = json.loads(report.read_text())["plan"]
     assert plan["calibration"]["samples"] == 64
@@ -301,7 +302,7 @@ def test_finetune_trains_with_dropout_off_by_default_and_saves_the_models_rate(d
     """At a learning rate of 1e-9 (weights unchanged) and without augmentation, the training
     accuracy Keras logs is the model's own accuracy on the training images only if no unit was
     dropped while it trained (the head's dropout rate is 0.5). `--dropout` keeps it on."""
-    from keffconvert.train import load_model_and_data
+    from keffconvert.train.inputs import load_model_and_data
 
     original, run = train_tiny(tmp_path, dropout=0.5), tmp_path / "run"
     if dropout:

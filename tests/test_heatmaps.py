@@ -13,10 +13,10 @@ from click.testing import CliRunner
 import keffconvert  # noqa: F401  (registers the converted model's layers)
 from keffconvert.cli import cli
 from keffconvert.errors import INPUT, OUTPUT, USAGE
-from keffconvert.gradcam_tf import grad_cam, last_conv_layer
-from keffconvert.heatmaps import SAMPLE_FILE, load_test_sample
-from keffconvert.plots import heatmap_figure_size
-from keffconvert.report import load_report
+from keffconvert.report.gradcam_tf import grad_cam, last_conv_layer
+from keffconvert.report.heatmaps import SAMPLE_FILE, load_test_sample
+from keffconvert.report.plots import heatmap_figure_size
+from keffconvert.report.training import load_report
 from tiny_run import PATCH, tiny_run
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -55,8 +55,8 @@ def test_layers_are_registered_whichever_import_comes_first(first):
     result = python(f"""
         import {first}
         import {second}
-        from keffconvert.convert import convert
-        import keffconvert.train  # loads the submodule keffconvert.convert too
+        from keffconvert.converter import convert
+        import keffconvert.train  # imports keffconvert.converter (where convert is defined) too
 
         for name in ("GroupedPointwiseConv2D", "InterleaveChannels"):
             assert keras.saving.get_registered_object("keffconvert>" + name) is getattr(keffconvert, name), name

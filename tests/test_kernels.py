@@ -15,17 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keffconvert.layers import (
-    GROUPED_IMPLEMENTATIONS,
-    INTERLEAVE_IMPLEMENTATIONS,
-    GroupedPointwiseConv2D,
-    InterleaveChannels,
-    block_diagonal_kernel,
-    choose_implementation,
-    grouped_pointwise,
-    interleave,
-    interleave_permutation,
-)
+from keffconvert.layers import GroupedPointwiseConv2D, InterleaveChannels
+from keffconvert.layers.kernels import (GROUPED_IMPLEMENTATIONS, INTERLEAVE_IMPLEMENTATIONS, block_diagonal_kernel,
+                                        choose_implementation, grouped_pointwise, interleave, interleave_permutation)
 
 # (C, F, g): every branch of `choose_implementation` (broadcast, blockdiag, matmul) and the
 # EfficientNet kinds: projection (C > F), expansion (C < F), square L, F/g == 1 (SE reduce).

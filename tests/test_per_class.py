@@ -10,8 +10,8 @@ import pytest
 from sklearn import metrics
 
 import keffconvert  # noqa: F401  (registers the converted model's layers)
-from keffconvert.per_class import check_consistency, confusion_matrix, f1_drops, per_class_results
-from keffconvert.report import CONFUSION_FILES, regenerate
+from keffconvert.report.per_class import check_consistency, confusion_matrix, f1_drops, per_class_results
+from keffconvert.report.training import CONFUSION_FILES, regenerate
 from tiny_run import CLASSES, tiny_run
 
 PNG = b"\x89PNG\r\n\x1a\n"

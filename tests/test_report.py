@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 import keffconvert
 from keffconvert.cli import cli
-from keffconvert.report import PLOT_FILES, build_report, regenerate, render_markdown, write_report
-from keffconvert.train import Recipe
+from keffconvert.report.training import PLOT_FILES, build_report, regenerate, render_markdown, write_report
+from keffconvert.train.recipe import Recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,12 +9,13 @@ import keras
 import pytest
 from click.testing import CliRunner
 
-import keffconvert.train
+import keffconvert.train.run
 from keffconvert.cli import cli
 from keffconvert.errors import OutputError
-from keffconvert.report import human
-from keffconvert.sweep import PLOT, REPORT_JSON, REPORT_MD, pareto_front, parse_channels_per_group, sweep
-from keffconvert.train import Recipe
+from keffconvert.report.markdown import human
+from keffconvert.report.sweep import PLOT, REPORT_JSON, REPORT_MD, pareto_front
+from keffconvert.train.sweep import parse_channels_per_group, sweep
+from keffconvert.train.recipe import Recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -107,14 +108,14 @@ def test_a_rerun_skips_finished_settings_and_resumes_the_unfinished_one(finished
     (out / REPORT_JSON).unlink()             # killed before the sweep report...
     (out / "cpg-4" / "report.json").unlink()  # ...and before cpg 4's run report: cpg 4 is unfinished
     calls = []
-    real_train = keffconvert.train.train
+    real_train = keffconvert.train.run.train
 
     @functools.wraps(real_train)  # sweep reads train's signature
     def counting_train(*args, **kwargs):
         calls.append(kwargs["channels_per_group"])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(keffconvert.train, "train", counting_train)
+    monkeypatch.setattr(keffconvert.train.run, "train", counting_train)
     again = sweep(tiny_digits_model(), "digits", channels_per_group=[2, 4], out=out, recipe=Recipe(**RECIPE),
                   **NO_HEATMAPS)
     assert calls == [4]
@@ -164,7 +165,7 @@ def test_the_python_api_is_keffconvert_sweep():
 def test_the_accuracy_before_training_is_a_column_only_when_measured(finished_sweep):
     import copy
 
-    from keffconvert.sweep import BEFORE_TRAINING, render_sweep_markdown
+    from keffconvert.report.sweep import BEFORE_TRAINING, render_sweep_markdown
 
     _, report = finished_sweep
     assert BEFORE_TRAINING not in render_sweep_markdown(report)  # from scratch: nothing before training

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from conftest import count, small_cnn
 
 from keffconvert.cli import cli
-from keffconvert.convert import convert
+from keffconvert.converter import convert
+from keffconvert import Target
 from keffconvert.errors import BudgetConfigError
-from keffconvert.targeting import Candidate, Option, select_greedy, select_lagrangian
+from keffconvert.target.choose import Candidate, Option, select_greedy, select_lagrangian
 
 
 def trainable(model):
@@ -40,7 +41,7 @@ def twin_convs(seed=0):
 def test_mobilenetv2_plan_meets_the_budget_and_the_built_model_has_it():
     base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
     budget = int(trainable(base) * 0.6)
-    small, plan = convert(base, target_params=budget)
+    small, plan = convert(base, target=Target(params=budget))
     assert plan.trainable_params_after <= budget
     assert trainable(small) == plan.trainable_params_after
     assert plan.target["budget_trainable_params"] == budget
@@ -55,7 +56,7 @@ def test_the_conv_that_loses_nothing_is_compressed_first(with_data):
     images = np.random.default_rng(1).normal(size=(16, 8, 8, 32)).astype("float32") if with_data else None
     before = trainable(model)
     # Room for one conv at its fewest parameters (cpg 4: 8 groups), not for both.
-    _, plan = convert(model, target_params=before - 700, target_choices=(4, 8, 16), calibration=images,
+    _, plan = convert(model, target=Target(params=before - 700, choices=(4, 8, 16)), calibration=images,
                       dry_run=True)
     layers = {e.name: e for e in plan.layers}
     blocky, dense = layers["blocky"], layers["dense"]
@@ -80,7 +81,7 @@ def test_lagrangian_weighs_parameters_where_the_greedy_threshold_does_not():
 
 def test_infeasible_budget_is_a_usage_error():
     with pytest.raises(BudgetConfigError, match="cannot be met"):
-        convert(small_cnn(), target_params=10, dry_run=True)
+        convert(small_cnn(), target=Target(params=10), dry_run=True)
 
 
 def test_cli_target_writes_a_model_within_budget_and_refuses_the_impossible(tmp_path):

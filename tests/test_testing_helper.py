@@ -1,4 +1,4 @@
-"""`keffconvert.testing.assert_within_budget`: the pytest helper over keffconvert.budget."""
+"""`keffconvert.testing.assert_within_budget`: the pytest helper over keffconvert.check.budget."""
 
 import keras
 import pytest

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import count, randomize
 
 from keffconvert.cli import cli
-from keffconvert.convert import convert
+from keffconvert.converter import convert
 from keffconvert.export import FoldReport, inference_model
 from keffconvert.layers import InterleaveChannels, PaddedGroupedPointwiseConv2D
 

@@ -10,7 +10,8 @@ the green one.
 import keras
 import numpy as np
 
-from keffconvert.train import Recipe, train
+from keffconvert.train.recipe import Recipe
+from keffconvert.train import train
 
 _RUNS = {}
 CLASSES = ["red", "blue", "magenta"]

@@ -32,7 +32,7 @@ class CountType(click.ParamType):
     name = "N"
 
     def convert(self, value, param, ctx):
-        from keffconvert.budget import parse_count
+        from keffconvert.check.budget import parse_count
         from keffconvert.errors import BudgetConfigError
 
         if isinstance(value, int):
@@ -69,7 +69,7 @@ COUNT = CountType()
 def check_command(ctx, model, max_params, max_total_params, max_macs, min_reduction, baseline, budget_file,
                   as_converted, channels_per_group, classes, input_size, unsafe, fmt):
     """Check MODEL against a parameter budget; exit 1 when any limit is exceeded."""
-    from keffconvert.budget import Budget, check_model, read_budget_file, report_dict, require_limits, summary_line
+    from keffconvert.check.budget import Budget, check_model, read_budget_file, report_dict, require_limits, summary_line
     from keffconvert.loading import load_model
 
     flags = {"max-params": max_params, "max-total-params": max_total_params, "max-macs": max_macs,

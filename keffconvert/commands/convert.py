@@ -30,14 +30,16 @@ def default_output(source):
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave convs whose name matches alone, e.g. '*se_*' (repeatable).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write the plan as JSON here.")
 @click.option("--fidelity-data", default=None, metavar="DATA",
-              help="Measure agreement with the original before training on DATA: an .npz with x (or x_test), 'digits', "
-                   "or the test images of an image folder or TFRecord shards (streamed, as train reads them).")
+              help="Measure agreement with the original before training on DATA's images (up to 256: its test "
+                   "images, if it has a test split): a folder of images (flat or one subfolder per class), an .npz "
+                   "with x (or x_test), TFRecord shards or 'digits'; with labels, each model's accuracy too.")
 @click.option("--calibration", metavar="DATA", default=None,
-              help="Fit every replacement to the original on DATA's training images ('digits', an .npz, an image "
-                   "folder, TFRecord shards) so the converted model keeps what the original learned; agreement is then measured "
-                   "on DATA's test images.")
+              help="Fit every replacement to the original on DATA's images so the converted model keeps what "
+                   "the original learned: a folder of images (flat, or one subfolder per class), an .npz with x "
+                   "(or x_train/x_test), TFRecord shards or 'digits'; no labels needed. Agreement is measured on "
+                   "images of DATA the fit has not seen (its test split, if it has one).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=512, show_default=True,
-              help="How many training images the fit uses.")
+              help="How many images the fit uses (read batch by batch: memory does not grow with them).")
 @click.option("--no-weights", is_flag=True, help="Do not transfer the original's weights (fresh initialisation).")
 @click.option("--classes", type=click.IntRange(min=1), default=None, help="Classes, for a built-in model name.")
 @click.option("--input-size", type=click.IntRange(min=8), default=None, help="Square input side, for a built-in model name.")
@@ -58,8 +60,8 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
                     calibration, calibration_samples, no_weights, classes, input_size, unsafe, force, quiet,
                     variant, target_params, target_reduction, target_method, target_choices):
     """Convert MODEL's eligible 1x1 convolutions to the kEffNet sub-architecture."""
-    from keffconvert.convert import convert
-    from keffconvert.display import print_plan
+    from keffconvert.converter import convert
+    from keffconvert.report.plan_view import print_plan
     from keffconvert.loading import load_model
 
     output = Path(output) if output else default_output(model)
@@ -73,21 +75,27 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
     source = load_model(model, unsafe=unsafe, classes=classes, input_size=input_size)
     images = None
     if calibration and (not dry_run or target):  # a target ranks convs on the data even in a dry run
-        from keffconvert.model_inputs import calibration_images
+        from keffconvert.data.model_inputs import calibration_sets
 
-        images = calibration_images(calibration, source, samples=calibration_samples)
+        images = calibration_sets(calibration, source, samples=calibration_samples)
         click.echo(f"calibration: {images.description}")
+    probe = None
+    if fidelity_data and fidelity_data != calibration and not dry_run:
+        from keffconvert.data.model_inputs import probe_source
+
+        probe = probe_source(fidelity_data, source)  # read (and checked) before the slow part
     new_model, plan = convert(source, channels_per_group, include=list(include), exclude=list(exclude),
                               dry_run=dry_run, transfer_weights=not no_weights,
                               calibration=images.calibration if images is not None else None, variant=variant,
-                              **target)
-    if new_model is not None and (fidelity_data or images is not None):
-        from keffconvert.fidelity import agreement, probe_images
+                              target=target)
+    # the calibration data's own held-out images when the probe is the same data (any other
+    # images of it may be among those the fit was made on)
+    held_out = probe is None and images is not None and images.held_out is not None
+    if held_out:
+        probe = images.held_out
+    if new_model is not None and probe is not None:
+        from keffconvert.report.fidelity import agreement
 
-        # the calibration data's own held-out split when the probe is the same data: its first
-        # images (what probe_images reads) may be among those the fit was made on
-        held_out = images is not None and (not fidelity_data or fidelity_data == calibration)
-        probe = images.held_out if held_out else probe_images(fidelity_data, source)
         plan.fidelity = dict(agreement(source, new_model, probe), held_out=held_out)
     print_plan(plan, skipped=not quiet)
     wrote = None
@@ -104,15 +112,16 @@ def convert_command(model, channels_per_group, output, dry_run, include, exclude
 
 
 def _target_options(target_params, target_reduction, method, choices):
-    """convert()'s target arguments from the CLI's; a usage error (exit 2) for bad or conflicting values."""
+    """convert()'s `Target` from the CLI's options (None without one); a usage error (exit 2) for bad or
+    conflicting values."""
     if target_params is None and target_reduction is None:
-        return {}
+        return None
     if target_params is not None and target_reduction is not None:
         raise click.UsageError("give --target-params or --target-reduction, not both")
     ctx = click.get_current_context()
     if ctx.get_parameter_source("channels_per_group") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("a target chooses each conv's cpg; give --target-choices instead of --channels-per-group")
-    from keffconvert.budget import parse_count
+    from keffconvert.check.budget import parse_count
 
     try:
         values = tuple(int(part) for part in choices.split(","))
@@ -123,5 +132,6 @@ def _target_options(target_params, target_reduction, method, choices):
     params = None if target_params is None else parse_count(target_params, "--target-params")
     if params is not None and params < 1:
         raise click.UsageError("--target-params must be at least 1")
-    return {"target_params": params, "target_reduction": target_reduction, "target_method": method,
-            "target_choices": values}
+    from keffconvert.options import Target
+
+    return Target(params=params, reduction=target_reduction, method=method, choices=values)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from keffconvert.errors import EXPORT_MISMATCH
-from keffconvert.export_check import DEFAULT_TOLERANCE, describe_check, verify_export
+from keffconvert.export.check import DEFAULT_TOLERANCE, describe_check, verify_export
 
 FORMAT_HELP = f"""\b
 Formats:
@@ -64,8 +64,8 @@ disagrees beyond --tolerance (or --min-agreement) is not written, exit {EXPORT_M
 def export_command(model, fmt, int8, per_tensor, calibration, calibration_samples, image_key, label_key, output,
                    no_fold, max_dense_weights, classes, input_size, unsafe, force, tolerance, min_agreement):
     """Export MODEL for inference as TFLite, SavedModel or .keras, and check its predictions."""
-    from keffconvert.export import (DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, inference_model, output_ending, save_keras,
-                                    save_saved_model)
+    from keffconvert.export.fold import DEFAULT_MAX_DENSE_WEIGHTS, FoldReport, inference_model
+    from keffconvert.export.formats import output_ending, save_keras, save_saved_model
     from keffconvert.loading import load_model
     from keffconvert.outputs import check_writable, check_writable_dir, default_output
 
@@ -100,7 +100,7 @@ def export_command(model, fmt, int8, per_tensor, calibration, calibration_sample
                                       f"{output} not written")
 
     if fmt == "tflite":
-        from keffconvert.export_tflite import to_tflite, write_tflite
+        from keffconvert.export.tflite import to_tflite, write_tflite
 
         content = to_tflite(source, int8=int8, calibration=images, per_channel=not per_tensor, fold=not no_fold,
                             max_dense_weights=limit, report=report)
@@ -125,13 +125,10 @@ def _fold_summary(report, no_fold):
 
 
 def _calibration_images(source, model, limit, **keys):
-    from keffconvert.errors import DataError
-    from keffconvert.fidelity import probe_images
+    """TFLite's int8 calibration images, in one array (the converter takes them so)."""
+    from keffconvert.data.model_inputs import probe_source
 
-    images = probe_images(source, model, limit=limit, **keys)
-    if len(images) == 0:
-        raise DataError(f"{source}: no calibration images")
-    return images
+    return probe_source(source, model, limit=limit, **keys).array()
 
 
 def _size(path):

@@ -18,7 +18,7 @@ def heatmaps_command(run_folder, images, out, force):
     The run folder holds the models and a sample of test images (test_sample.npz); the heatmap
     is taken on each model's last convolutional feature map, for the class it predicts.
     """
-    from keffconvert.heatmaps import HEATMAP_FILE, run_heatmaps
+    from keffconvert.report.heatmaps import HEATMAP_FILE, run_heatmaps
 
     record = run_heatmaps(run_folder, images=images, out=out, force=force)
     for model in record["models"]:

@@ -9,7 +9,7 @@ import click
               help="Folder for report.md and the PNGs (default: beside REPORT.json). Files there are rewritten.")
 def report_command(report_json, out):
     """Rebuild report.md, accuracy_vs_params.png and training_curves.png from REPORT.json."""
-    from keffconvert.report import regenerate
+    from keffconvert.report.training import regenerate
 
     for path in regenerate(report_json, out):
         click.echo(f"wrote {path}")

@@ -42,8 +42,10 @@ def sweep_command(model, data, mode, channels_per_group, variant, out, force, in
     """
     from rich.console import Console
 
-    from keffconvert.sweep import PLOT, REPORT_JSON, REPORT_MD, SET_BY_SWEEP, sweep
-    from keffconvert.train import recipe_from_options, train
+    from keffconvert.report.sweep import PLOT, REPORT_JSON, REPORT_MD
+    from keffconvert.train.sweep import SET_BY_SWEEP, sweep
+    from keffconvert.train.recipe import recipe_from_options
+    from keffconvert.train.run import train
 
     recipe = recipe_from_options(mode, **options)
     # options train() takes itself (data loading, say) go to every run, where they differ from its defaults
@@ -66,7 +68,7 @@ def sweep_command(model, data, mode, channels_per_group, variant, out, force, in
 def print_sweep(report, console):
     from rich.table import Table
 
-    from keffconvert.sweep import sweep_columns, sweep_rows
+    from keffconvert.report.sweep import sweep_columns, sweep_rows
 
     table = Table(title=f"{report['source']} sweep ({report['mode']}, {report['epochs']} epochs)")
     for column in sweep_columns(report)[1:]:  # the setting names the row; the model name is long

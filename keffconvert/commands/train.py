@@ -39,7 +39,8 @@ def train_command(model, data, mode, with_original, out, force, channels_per_gro
     """
     from rich.console import Console
 
-    from keffconvert.train import recipe_from_options, train
+    from keffconvert.train.recipe import recipe_from_options
+    from keffconvert.train.run import train
 
     recipe = recipe_from_options(mode, **recipe_options)
     progress = None if quiet else Console(stderr=True)
@@ -62,7 +63,7 @@ def train_command(model, data, mode, with_original, out, force, channels_per_gro
 def print_summary(report, console):
     from rich.table import Table
 
-    from keffconvert.report import SUMMARY_COLUMNS, summary_rows
+    from keffconvert.report.training import SUMMARY_COLUMNS, summary_rows
 
     table = Table(title=f"{report['source']} ({report['mode']}, {report['epochs']} epochs)")
     for column in SUMMARY_COLUMNS:

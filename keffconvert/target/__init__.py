@@ -1,0 +1,1 @@
+"""A parameter budget as the input: `choose` picks each conv's cpg (`select`) by its cost (`sensitivity`)."""
