@@ -3,6 +3,7 @@
     nice -n 5 python benchmarks/bench_real.py --variant lite2                     # one split, 250 + 250
     nice -n 5 python benchmarks/bench_real.py --variant lite2 --folds 2 --ablation
     nice -n 5 python benchmarks/bench_real.py --variant lite1 --calibration-images 128
+    nice -n 5 python benchmarks/bench_real.py --variant lite1 --cpg 64
 
 The model is `benchmarks/lite_port.py`'s port of Google's EfficientNet-Lite checkpoints; the images
 are the 500 real ImageNet photos of /work/shared/imagenet-sample (one per class, the eval crop,
@@ -100,12 +101,12 @@ def child(args):
         if args.child == "original":
             new, plan = model, None
         elif args.child == "plain":
-            new, plan = keffconvert.convert(model, channels_per_group=CPG)
+            new, plan = keffconvert.convert(model, channels_per_group=args.cpg)
         else:
             images = x[calibration_index]
             calibration = keffconvert.Calibration(images, batch_size=args.batch_size,
                                                   rounds=1 if args.child == "rounds1" else args.rounds)
-            new, plan = keffconvert.convert(model, channels_per_group=CPG, calibration=calibration)
+            new, plan = keffconvert.convert(model, channels_per_group=args.cpg, calibration=calibration)
             del images
     info["convert_s"] = round(time.perf_counter() - start, 2)
     info["peak_mb_converted"] = round(peak_mb(), 1)
@@ -129,7 +130,7 @@ def spawn(args, run, fold, workdir):
     """Runs `run` in a fresh interpreter (so its peak memory is its own); returns (probabilities, info)."""
     command = [sys.executable, __file__, "--child", run, "--fold", str(fold), "--workdir", workdir,
                "--variant", args.variant, "--folder", args.folder, "--batch-size", str(args.batch_size),
-               "--rounds", str(args.rounds), "--calibration-images", str(args.calibration_images)]
+               "--rounds", str(args.rounds), "--cpg", str(args.cpg), "--calibration-images", str(args.calibration_images)]
     if args.checkpoint:
         command += ["--checkpoint", args.checkpoint]
     print(f"... {run} (fold {fold})", flush=True)
@@ -184,7 +185,7 @@ def print_table(results, folds):
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if i else str(v).ljust(w)  # noqa: E731
                                for i, (v, w) in enumerate(zip(r, widths)))
-    print(f"\n{results['variant']}, cpg {CPG}, held-out photos: {results['held_out_per_fold']} per fold, "
+    print(f"\n{results['variant']}, cpg {results['channels_per_group']}, held-out photos: {results['held_out_per_fold']} per fold, "
           f"{folds} fold(s); calibration: {results['calibration_per_fold']} photos per fold")
     print(line(head))
     print("  ".join("-" * w for w in widths))
@@ -207,6 +208,7 @@ def main():
     parser.add_argument("--ablation", action="store_true", help="also fit without each of the fit's parts")
     parser.add_argument("--calibration-images", type=int, default=250, help="at most this many of the half")
     parser.add_argument("--batch-size", type=int, default=32, help="Calibration batch_size")
+    parser.add_argument("--cpg", type=int, default=CPG, help="channels per group")
     parser.add_argument("--rounds", type=int, default=3, help="Calibration rounds of the full fit")
     parser.add_argument("--out", default=str(Path(__file__).with_name("real.json")))
     parser.add_argument("--child", default=None, choices=sorted(RUNS), help=argparse.SUPPRESS)
@@ -218,7 +220,7 @@ def main():
 
     labels = sample_labels(args.folder)
     started = time.perf_counter()
-    results = {"variant": args.variant, "channels_per_group": CPG, "folds": args.folds,
+    results = {"variant": args.variant, "channels_per_group": args.cpg, "folds": args.folds,
                "calibration_per_fold": min(args.calibration_images, len(labels) // 2),
                "held_out_per_fold": len(labels) // 2, "batch_size": args.batch_size, "rounds": args.rounds,
                "split": "fold 0: calibrate on even indices, hold out odd; fold 1: the reverse",
