@@ -58,12 +58,6 @@ def halves(count, fold):
     return (even, odd) if fold == 0 else (odd, even)
 
 
-def sample_labels(folder):
-    """The labels of `lite_port.load_imagenet_sample`, in its order, without decoding the photos."""
-    index = lite_port._synsets(folder)
-    return np.array([index[path.name.split("_")[0]] for path in sorted(Path(folder).glob("*.JPEG"))])
-
-
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -218,7 +212,7 @@ def main():
     if args.child:
         return child(args)
 
-    labels = sample_labels(args.folder)
+    _, labels = lite_port.sample_labels(args.folder)
     started = time.perf_counter()
     results = {"variant": args.variant, "channels_per_group": args.cpg, "folds": args.folds,
                "calibration_per_fold": min(args.calibration_images, len(labels) // 2),

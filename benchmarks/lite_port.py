@@ -341,11 +341,16 @@ def load_imagenet_sample(folder=SAMPLE_FOLDER, image_size=260):
     """(x, y, names): raw RGB pixels float32 (N, S, S, 3) in [0, 255], class indices, file stems.
 
     Files are SYNSET_name.JPEG; the label is SYNSET's position among the 1000 sorted synsets."""
+    paths, y = sample_labels(folder)
+    x = np.stack([_eval_crop(path, image_size) for path in paths])
+    return x, y, [path.stem for path in paths]
+
+
+def sample_labels(folder=SAMPLE_FOLDER):
+    """(paths, labels) of the sample's photos in `load_imagenet_sample`'s order, nothing decoded."""
     index = _synsets(folder)
     paths = sorted(Path(folder).glob("*.JPEG"))
-    x = np.stack([_eval_crop(path, image_size) for path in paths])
-    y = np.array([index[path.name.split("_")[0]] for path in paths], dtype=np.int64)
-    return x, y, [path.stem for path in paths]
+    return paths, np.array([index[path.name.split("_")[0]] for path in paths], dtype=np.int64)
 
 
 def top_k_accuracy(probabilities, labels, k):
