@@ -5,6 +5,16 @@ import numpy as np
 from keffconvert.errors import DataError
 
 
+def open_npz(path):
+    """`path`'s arrays (np.load, no pickles); a missing or unreadable file is one DataError."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: no such file") from error
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npz file ({error})") from error
+
+
 def as_labels(y, name):
     """Integer labels from a label array (N,), (N, 1) or one-hot (N, K); DataError otherwise."""
     y = np.asarray(y)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keffconvert.data.checks import as_images, as_labels, to_uint8
+from keffconvert.data.checks import as_images, as_labels, open_npz, to_uint8
 from keffconvert.data.folders import IMAGE_SUFFIXES
 from keffconvert.data.pixels import scale_pixels
 from keffconvert.errors import DataError
@@ -139,13 +139,7 @@ def _digits(image_shape, scale):
 
 
 def _npz(path, image_shape, scale):
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from None
-    with archive:
+    with open_npz(path) as archive:
         keys = set(archive.files)
         if "x" in keys:
             splits = {"pool": ("x", "y")}

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from keffconvert.data.arrays import Dataset
-from keffconvert.data.checks import as_images, as_labels, check_labels, check_pair, to_uint8
+from keffconvert.data.checks import as_images, as_labels, check_labels, check_pair, open_npz, to_uint8
 from keffconvert.data.splits import hold_out
 from keffconvert.errors import DataError
 
@@ -131,13 +131,7 @@ def _digits(test_split, seed):
 
 
 def _npz(path, test_split, seed):
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError as error:
-        raise DataError(f"{path}: no such file") from error
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from error
-    with archive:
+    with open_npz(path) as archive:
         missing = [key for key in NPZ_REQUIRED if key not in archive.files]
         if missing:
             raise DataError(f"{path} lacks {', '.join(missing)} (needs {', '.join(NPZ_REQUIRED)})")
